@@ -1,0 +1,3 @@
+from doconv.benchmarks.bench_gluon import main
+
+raise SystemExit(main())

@@ -1,0 +1,592 @@
+"""doconv.torch: DO-Conv layers for PyTorch, drop-in replacements of ``nn.Conv1d/2d/3d``.
+
+The layer stores ``W`` (C_out, C_in/g, D_mul) and ``D`` (C_in, K, D_mul), the
+learnable offset from the identity; the identity itself is a non-persistent
+buffer, so it is neither a parameter nor in the state_dict. Every forward in
+training composes the kernel (``doconv.core.fold``'s maths, in torch ops) and
+runs the native convolution; without gradients the composed kernel is cached
+and reused until a parameter changes.
+
+Public names: :class:`DOConv1d`, :class:`DOConv2d`, :class:`DOConv3d`,
+:func:`fuse_model`, :func:`convert_model`, :func:`get_params`, :func:`set_params`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+
+from . import core
+from ._optional import require
+
+torch = require("torch", "doconv.torch", "torch", "PyTorch")
+nn = torch.nn
+F = torch.nn.functional
+Tensor = torch.Tensor
+
+__all__ = ["DOConv1d", "DOConv2d", "DOConv3d", "convert_model", "fuse_model", "get_params", "set_params"]
+
+_NATIVE = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def fold(W: Tensor, D: Optional[Tensor], identity: Optional[Tensor], groups: int, kernel_shape: list[int]) -> Tensor:
+    """Differentiable kernel composition in torch ops (the maths of :func:`doconv.core.fold`).
+
+    Args:
+        W: ``(C_out, C_in/g, D_mul)``.
+        D: the offset ``(C_in, K, D_mul)``, or None when K = 1.
+        identity: ``(K, D_mul)`` from :func:`doconv.core.identity`, or None when K = 1.
+        groups: number of groups.
+        kernel_shape: the folded kernel's full shape ``[C_out, C_in/g, *kernel_size]``.
+
+    Returns:
+        The folded kernel of shape ``kernel_shape``.
+
+    Example:
+        >>> W = torch.ones(1, 1, 4)
+        >>> fold(W, torch.zeros(1, 4, 4), torch.eye(4), 1, [1, 1, 2, 2]).tolist()
+        [[[[1.0, 1.0], [1.0, 1.0]]]]
+    """
+    if D is None or identity is None:
+        return W.reshape(kernel_shape)
+    C_out, C_in_g, D_mul = W.shape
+    D_hat = D + identity
+    if groups == 1:
+        folded = torch.einsum("ocs,cks->ock", W, D_hat)
+    else:
+        # Group gi pairs its rows of W only with its own C_in/g channels of D (DESIGN.md, i(o, c)).
+        Wg = W.reshape(groups, C_out // groups, C_in_g, D_mul)
+        Dg = D_hat.reshape(groups, C_in_g, D_hat.shape[1], D_mul)
+        folded = torch.einsum("gocs,gcks->gock", Wg, Dg)
+    return folded.reshape(kernel_shape)
+
+
+def _numpy(tensor: Tensor) -> np.ndarray:
+    """A CPU NumPy copy; half and bfloat16 go through float32 (exactly)."""
+    tensor = tensor.detach().cpu()
+    if tensor.dtype not in (torch.float32, torch.float64):
+        tensor = tensor.float()
+    return tensor.numpy().copy()
+
+
+class _DOConvNd(nn.Module):
+    """Shared implementation of DOConv1d/2d/3d; see :class:`DOConv2d`."""
+
+    _rank = 2
+    __constants__ = ["_rank", "_no_padding", "stride", "padding", "dilation", "groups", "padding_mode", "D_mul", "in_channels"]
+    # `weight` composes the kernel in Python; TorchScript compiles `forward` only.
+    __jit_unused_properties__ = ["weight"]
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Any,
+        stride: Any = 1,
+        padding: Any = 0,
+        dilation: Any = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        D_mul: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        rank = self._rank
+        self.in_channels = core.check_int(in_channels, "in_channels")
+        self.out_channels = core.check_int(out_channels, "out_channels")
+        self.kernel_size = core.normalize_tuple(kernel_size, rank, "kernel_size")
+        self.stride = core.normalize_tuple(stride, rank, "stride")
+        self.dilation = core.normalize_tuple(dilation, rank, "dilation")
+        self.groups = core.check_int(groups, "groups")
+        core.check_groups(self.in_channels, self.out_channels, self.groups)
+        self.padding_mode = core.check_padding_mode(padding_mode)
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be True or False. Received: bias={bias!r}")
+        self.padding = self._native_padding(padding)
+        pairs = core.padding_pairs(self.padding, self.kernel_size, self.stride, self.dilation)
+        # F.pad wants the last dimension first: (left, right, top, bottom, ...).
+        self._reversed_padding = [side for pair in reversed(pairs) for side in pair]
+        self._no_padding = (0,) * rank
+        self.D_mul = core.resolve_D_mul(D_mul, self.kernel_size)
+        self._kernel_shape = [self.out_channels, self.in_channels // self.groups, *self.kernel_size]
+
+        factory = {"device": device, "dtype": dtype}
+        K = core.kernel_volume(self.kernel_size)
+        self.W = nn.Parameter(torch.empty(self.out_channels, self.in_channels // self.groups, self.D_mul, **factory))
+        if K > 1:
+            self.D = nn.Parameter(torch.zeros(self.in_channels, K, self.D_mul, **factory))
+            identity = torch.as_tensor(core.identity(K, self.D_mul), dtype=self.W.dtype, device=self.W.device)
+            self.register_buffer("identity", identity, persistent=False)
+        else:
+            self.register_parameter("D", None)
+            self.register_buffer("identity", None, persistent=False)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.out_channels, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self._cache: Optional[tuple] = None
+        self.reset_parameters()
+
+    def _native_padding(self, padding: Any):
+        """Accept what nn.ConvNd accepts: 'same', 'valid', an int or one int per dimension."""
+        normalized = core.normalize_padding(padding, self._rank)
+        if isinstance(normalized, str):
+            if normalized == "same" and any(s != 1 for s in self.stride):
+                raise ValueError(
+                    "padding='same' is not supported for strided convolutions (as in nn.Conv2d). "
+                    f"Received: padding={padding!r}, stride={self.stride}"
+                )
+            return normalized
+        if any(before != after for before, after in normalized):
+            raise ValueError(
+                "padding must be symmetric per dimension, as in nn.Conv2d: an int or one int per dimension. "
+                f"Received: padding={padding!r}"
+            )
+        return tuple(before for before, _ in normalized)
+
+    def reset_parameters(self) -> None:
+        """W: nn.Conv's default init computed on W's own shape; D: zeros; bias: nn.Conv's default."""
+        nn.init.kaiming_uniform_(self.W, a=math.sqrt(5))
+        if self.D is not None:
+            nn.init.zeros_(self.D)
+        if self.bias is not None:
+            # nn.Conv's bias bound uses the native kernel's fan-in, C_in/g · K.
+            fan_in = self.in_channels // self.groups * core.kernel_volume(self.kernel_size)
+            bound = 1 / math.sqrt(fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+        self._cache = None
+
+    # -- the kernel ----------------------------------------------------------------------------
+
+    def _fold(self) -> Tensor:
+        return fold(self.W, self.D, self.identity, self.groups, self._kernel_shape)
+
+    @torch.jit.unused
+    def _cached_fold(self) -> Tensor:
+        """The composed kernel, reused while W and D are unchanged (no gradient needed)."""
+        D = self.D
+        key = (
+            self.W._version,
+            self.W.data_ptr(),
+            None if D is None else D._version,
+            None if D is None else D.data_ptr(),
+            self.W.dtype,
+            self.W.device,
+        )
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self._fold().detach())
+        return self._cache[1]
+
+    def _kernel(self) -> Tensor:
+        if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return self._fold()
+        if torch.is_grad_enabled() and (self.W.requires_grad or (self.D is not None and self.D.requires_grad)):
+            return self._fold()
+        return self._cached_fold()
+
+    @property
+    def weight(self) -> Tensor:
+        """The folded kernel ``(C_out, C_in/g, *kernel_size)``, differentiable (read-only)."""
+        return self._fold()
+
+    def train(self, mode: bool = True):
+        self._cache = None
+        return super().train(mode)
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def _check_input(self, x: Tensor) -> None:
+        rank = self._rank
+        batched = x.dim() == rank + 2
+        if not (batched or x.dim() == rank + 1) or x.shape[1 if batched else 0] != self.in_channels:
+            raise ValueError(
+                self._name()
+                + " expects input of shape (N, "
+                + str(self.in_channels)
+                + ", *spatial) or ("
+                + str(self.in_channels)
+                + ", *spatial) with "
+                + str(rank)
+                + " spatial dimensions. Received: input.shape="
+                + str(list(x.shape))
+            )
+
+    def _name(self) -> str:
+        return "DOConv" + str(self._rank) + "d"
+
+    def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        # Two calls per rank, as in nn.ConvNd: TorchScript needs `padding` to have one type per call.
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding, mode=self.padding_mode)
+            if self._rank == 1:
+                return F.conv1d(x, weight, bias, self.stride, self._no_padding, self.dilation, self.groups)
+            if self._rank == 2:
+                return F.conv2d(x, weight, bias, self.stride, self._no_padding, self.dilation, self.groups)
+            return F.conv3d(x, weight, bias, self.stride, self._no_padding, self.dilation, self.groups)
+        if self._rank == 1:
+            return F.conv1d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        if self._rank == 2:
+            return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.conv3d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        return self._conv(x, self._kernel(), self.bias)
+
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        if self.padding != (0,) * self._rank:
+            s += f", padding={self.padding!r}" if isinstance(self.padding, str) else f", padding={self.padding}"
+        if self.dilation != (1,) * self._rank:
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode}"
+        return s + f", D_mul={self.D_mul}"
+
+    # -- folding and conversion ----------------------------------------------------------------
+
+    def fuse(self) -> nn.Module:
+        """The native convolution with the folded kernel: the same outputs at the native cost.
+
+        Returns:
+            An ``nn.Conv{1,2,3}d`` on the same device and dtype, in the same train/eval mode.
+
+        Raises:
+            ValueError: a parameter holds NaN or infinity.
+
+        Example:
+            >>> layer = DOConv2d(3, 8, 3, padding=1)
+            >>> type(layer.fuse()).__name__
+            'Conv2d'
+        """
+        for name, param in (("W", self.W), ("D", self.D), ("bias", self.bias)):
+            if param is not None and not bool(torch.isfinite(param).all()):
+                raise ValueError(f"Cannot fuse {self._name()}: its parameter {name} holds NaN or infinity.")
+        conv = _NATIVE[self._rank](
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.bias is not None,
+            self.padding_mode,
+            device=self.W.device,
+            dtype=self.W.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(self._fold())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        conv.train(self.training)
+        return conv
+
+    @classmethod
+    def from_conv(cls, conv: nn.Module, D_mul: Optional[int] = None):
+        """A DO-Conv layer with exactly the outputs of ``conv``, to fine-tune it as DO-Conv.
+
+        D is zero, the kernel goes into W's first identity tile, the other tiles are
+        zero, and W's columns past the last tile keep their random init.
+
+        Args:
+            conv: an ``nn.Conv{1,2,3}d`` of this class's rank.
+            D_mul: the depth multiplier; None means K. Default None.
+
+        Example:
+            >>> conv = nn.Conv2d(3, 8, 3, padding=1)
+            >>> layer = DOConv2d.from_conv(conv)
+            >>> x = torch.randn(1, 3, 5, 5)
+            >>> bool(torch.allclose(layer(x), conv(x), atol=1e-6))
+            True
+        """
+        native = _NATIVE[cls._rank]
+        if type(conv) is not native:
+            raise TypeError(
+                f"{cls.__name__}.from_conv needs an nn.{native.__name__}. Received: conv of type {type(conv).__name__}"
+            )
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+            D_mul=D_mul,
+        )
+        with torch.no_grad():
+            layer.W.copy_(torch.from_numpy(core.embed_kernel(_numpy(conv.weight), _numpy(layer.W))))
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        layer.train(conv.training)
+        return layer
+
+    # -- state_dict compatibility --------------------------------------------------------------
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errs):
+        """Also accept a plain conv's ``weight`` and the original DO-Conv code's ``D_diag``."""
+        weight_key, W_key, D_key = prefix + "weight", prefix + "W", prefix + "D"
+        if weight_key in state_dict and W_key not in state_dict:
+            kernel = state_dict.pop(weight_key)
+            if tuple(kernel.shape) != tuple(self._kernel_shape):
+                raise ValueError(
+                    f"{prefix}weight must have shape {tuple(self._kernel_shape)} to load into this {self._name()}. "
+                    f"Received: weight.shape={tuple(kernel.shape)}"
+                )
+            state_dict[W_key] = torch.from_numpy(core.embed_kernel(_numpy(kernel), _numpy(self.W)))
+            if self.D is not None:
+                state_dict[D_key] = torch.zeros_like(self.D)
+        for diag_key in (prefix + "D_diag", prefix + "d_diag"):
+            if diag_key in state_dict:
+                diag = state_dict.pop(diag_key)
+                if W_key in state_dict and D_key in state_dict:
+                    params = core.from_reference_pytorch(
+                        _numpy(state_dict[W_key]), _numpy(state_dict[D_key]), _numpy(diag), self.groups
+                    )
+                    state_dict[D_key] = torch.from_numpy(params["D"])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errs)
+        self._cache = None
+
+
+class DOConv2d(_DOConvNd):
+    """A DO-Conv layer that replaces ``torch.nn.Conv2d``.
+
+    Same constructor as ``nn.Conv2d``, positional arguments in the same order;
+    ``D_mul`` is keyword-only (the original code had it fourth, so
+    ``DOConv2d(64, 64, 3, 1, 1)`` silently meant D_mul = 1).
+
+    Args:
+        in_channels: C_in.
+        out_channels: C_out.
+        kernel_size: int or pair.
+        stride: int or pair. Default 1.
+        padding: int, pair, 'same' or 'valid'. Default 0.
+        dilation: int or pair. Default 1.
+        groups: divides both channel counts. Default 1.
+        bias: learn an additive bias. Default True.
+        padding_mode: 'zeros', 'reflect', 'replicate' or 'circular'. Default 'zeros'.
+        device: device of the parameters. Default None (the default device).
+        dtype: dtype of the parameters. Default None (the default dtype).
+        D_mul: depth multiplier, >= K = kernel height x width. Default None (= K).
+
+    Attributes:
+        W: ``(C_out, C_in/groups, D_mul)``.
+        D: ``(C_in, K, D_mul)``, the learnable offset from the identity; None for 1x1 kernels.
+        bias: ``(C_out,)`` or None.
+        weight: the folded kernel (read-only, differentiable).
+
+    Example:
+        >>> layer = DOConv2d(3, 8, 3, padding=1)
+        >>> layer(torch.randn(2, 3, 16, 16)).shape
+        torch.Size([2, 8, 16, 16])
+        >>> layer
+        DOConv2d(3, 8, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), D_mul=9)
+    """
+
+    _rank = 2
+
+
+class DOConv1d(_DOConvNd):
+    """A DO-Conv layer that replaces ``torch.nn.Conv1d``; arguments as :class:`DOConv2d`, ints per dimension.
+
+    Example:
+        >>> DOConv1d(2, 4, 3)(torch.randn(1, 2, 10)).shape
+        torch.Size([1, 4, 8])
+    """
+
+    _rank = 1
+
+
+class DOConv3d(_DOConvNd):
+    """A DO-Conv layer that replaces ``torch.nn.Conv3d``; arguments as :class:`DOConv2d`, triples per dimension.
+
+    Example:
+        >>> DOConv3d(2, 4, 3)(torch.randn(1, 2, 5, 5, 5)).shape
+        torch.Size([1, 4, 3, 3, 3])
+    """
+
+    _rank = 3
+
+
+_DOCONV = {1: DOConv1d, 2: DOConv2d, 3: DOConv3d}
+
+
+# -- whole models ------------------------------------------------------------------------------
+
+
+def _replace_children(model: nn.Module, make: Callable[[str, nn.Module], Optional[nn.Module]], inplace: bool):
+    """Replace every child for which ``make(qualified_name, child)`` returns a module.
+
+    All replacements are built before any is assigned, and the work is done on a
+    deep copy unless ``inplace``: a failure leaves the user's model untouched.
+    A module shared by several parents is replaced by one shared new module.
+    """
+    target = model if inplace else copy.deepcopy(model)
+    made: dict[int, Optional[nn.Module]] = {}
+    plan = []
+    for parent_name, parent in target.named_modules(remove_duplicate=False):
+        # _modules, not named_children(): a module under two names of one parent appears under both.
+        for child_name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            if id(child) not in made:
+                qualified = f"{parent_name}.{child_name}" if parent_name else child_name
+                made[id(child)] = make(qualified, child)
+            if made[id(child)] is not None:
+                plan.append((parent, child_name, made[id(child)]))
+    for parent, child_name, new in plan:
+        setattr(parent, child_name, new)
+    return target, len(plan)
+
+
+def convert_model(
+    model: nn.Module,
+    D_mul: Union[None, int, Callable[[str, nn.Module], Optional[int]]] = None,
+    inplace: bool = False,
+) -> nn.Module:
+    """Replace every ``nn.Conv1d/2d/3d`` of a model by a DO-Conv layer with the same outputs.
+
+    Args:
+        model: any module tree (Sequential, ModuleList, ModuleDict, attributes).
+        D_mul: None -> each layer's K; an int -> max(D_mul, K) per layer, with one
+            warning naming the layers whose K was larger; a callable
+            ``(name, conv) -> int | None`` decides per layer (None keeps that conv).
+            Default None.
+        inplace: modify ``model`` itself instead of a copy. Default False.
+
+    Returns:
+        The converted model (a copy unless ``inplace``), same device, dtype and mode.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 1))
+        >>> convert_model(net)[0]
+        DOConv2d(3, 8, kernel_size=(3, 3), stride=(1, 1), D_mul=9)
+    """
+    if not (D_mul is None or callable(D_mul)):
+        D_mul = core.check_int(D_mul, "D_mul")
+    raised: list[str] = []
+
+    def make(name: str, child: nn.Module) -> Optional[nn.Module]:
+        rank = next((r for r, native in _NATIVE.items() if type(child) is native), None)
+        if rank is None:
+            return None
+        K = core.kernel_volume(child.kernel_size)
+        if callable(D_mul):
+            layer_D_mul = D_mul(name, child)
+            if layer_D_mul is None:
+                return None
+        elif D_mul is None:
+            layer_D_mul = None
+        else:
+            layer_D_mul = max(D_mul, K)
+            if K > D_mul:
+                raised.append(name)
+        return _DOCONV[rank].from_conv(child, D_mul=layer_D_mul)
+
+    converted, count = _replace_children(model, make, inplace)
+    if raised:
+        warnings.warn(
+            f"D_mul={D_mul} is smaller than the kernel's K for these layers, which use D_mul = K: {', '.join(raised)}",
+            stacklevel=2,
+        )
+    if count == 0:
+        warnings.warn("convert_model found no nn.Conv1d/2d/3d to convert; the model is returned unchanged.", stacklevel=2)
+    return converted
+
+
+def fuse_model(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Replace every DO-Conv layer of a model by its folded native convolution.
+
+    Args:
+        model: any module tree.
+        inplace: modify ``model`` itself instead of a copy. Default False.
+
+    Returns:
+        The fused model: exactly the native network's parameters and cost.
+
+    Example:
+        >>> net = nn.Sequential(DOConv2d(3, 8, 3), nn.ReLU())
+        >>> type(fuse_model(net)[0]).__name__
+        'Conv2d'
+    """
+
+    def make(name: str, child: nn.Module) -> Optional[nn.Module]:
+        return child.fuse() if isinstance(child, _DOConvNd) else None
+
+    fused, count = _replace_children(model, make, inplace)
+    if count == 0:
+        warnings.warn("fuse_model found no DO-Conv layer to fuse; the model is returned unchanged.", stacklevel=2)
+    return fused
+
+
+# -- parameters in the canonical layout ---------------------------------------------------------
+
+
+def get_params(layer: nn.Module) -> dict:
+    """A DO-Conv layer's parameters as NumPy arrays in the canonical layout.
+
+    Returns:
+        ``{"W": (C_out, C_in/g, D_mul), "D": (C_in, K, D_mul) or None, "bias": (C_out,) or None}``.
+
+    Example:
+        >>> p = get_params(DOConv2d(3, 8, 3))
+        >>> p["W"].shape, p["D"].shape, p["bias"].shape
+        ((8, 3, 9), (3, 9, 9), (8,))
+    """
+    if not isinstance(layer, _DOConvNd):
+        raise TypeError(f"get_params needs a DO-Conv layer. Received: layer of type {type(layer).__name__}")
+    return {
+        "W": _numpy(layer.W),
+        "D": None if layer.D is None else _numpy(layer.D),
+        "bias": None if layer.bias is None else _numpy(layer.bias),
+    }
+
+
+def set_params(layer: nn.Module, params: dict) -> nn.Module:
+    """Load canonical-layout NumPy arrays (as :func:`get_params` returns them) into a layer.
+
+    Args:
+        layer: a DO-Conv layer.
+        params: ``{"W": ..., "D": ... or None, "bias": ... or None}``.
+
+    Returns:
+        ``layer``, for chaining.
+
+    Raises:
+        ValueError: a missing entry or a shape that disagrees with the layer.
+
+    Example:
+        >>> layer = set_params(DOConv2d(3, 8, 3), get_params(DOConv2d(3, 8, 3)))
+    """
+    if not isinstance(layer, _DOConvNd):
+        raise TypeError(f"set_params needs a DO-Conv layer. Received: layer of type {type(layer).__name__}")
+    for name in ("W", "D", "bias"):
+        param, value = getattr(layer, name), params.get(name)
+        if param is None and value is None:
+            continue
+        if param is None or value is None or tuple(np.shape(value)) != tuple(param.shape):
+            expected = None if param is None else tuple(param.shape)
+            received = None if value is None else tuple(np.shape(value))
+            raise ValueError(f"params[{name!r}] must have shape {expected} for this layer. Received: {received}")
+    with torch.no_grad():
+        for name in ("W", "D", "bias"):
+            if getattr(layer, name) is not None:
+                getattr(layer, name).copy_(torch.as_tensor(np.asarray(params[name])))
+    layer._cache = None
+    return layer

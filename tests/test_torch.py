@@ -1,0 +1,471 @@
+"""doconv.torch: DOConv1d/2d/3d against the NumPy oracle, folding, conversion, export, DDP, errors."""
+
+import copy
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from doconv import core  # noqa: E402
+from doconv.torch import (  # noqa: E402
+    DOConv1d,
+    DOConv2d,
+    DOConv3d,
+    convert_model,
+    fuse_model,
+    get_params,
+    set_params,
+)
+
+torch.set_num_threads(2)
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+
+
+def random_params(layer, seed=0, scale=0.5):
+    """Canonical parameters with D far from zero, as the cross-backend suite uses them."""
+    rng = np.random.default_rng(seed)
+    p = get_params(layer)
+    dtype = p["W"].dtype
+    return {k: None if v is None else (rng.normal(size=v.shape) * scale).astype(dtype) for k, v in p.items()}
+
+
+CASES = [
+    # in, out, kernel, stride, padding, dilation, groups, bias, padding_mode, D_mul extra
+    (3, 4, (3, 3), 1, 1, 1, 1, True, "zeros", 0),
+    (4, 6, (3, 3), 2, 0, 1, 2, False, "zeros", 2),
+    (4, 4, (3, 3), 1, "same", 2, 4, True, "zeros", 9),  # depthwise, D_mul = 2K
+    (4, 8, (1, 3), 1, (0, 1), 1, 4, True, "zeros", 0),  # depthwise, channel multiplier 2
+    (2, 3, (5, 3), 1, "same", 1, 1, True, "zeros", 2),
+    (3, 5, (1, 1), 2, 0, 1, 1, True, "zeros", 0),
+    (4, 4, (3, 3), 1, (1, 2), 1, 2, True, "reflect", 1),
+    (2, 4, (3, 3), 1, (2, 1), 1, 1, False, "replicate", 0),
+    (2, 2, (3, 1), 2, (1, 1), 1, 2, True, "circular", 0),
+    (3, 4, (4, 2), 1, "same", (2, 1), 1, True, "zeros", 0),  # even kernel: the odd pixel goes after
+    (6, 6, (3, 3), 1, "valid", 1, 3, True, "zeros", 3),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_forward_matches_numpy_oracle_float64(case):
+    C_in, C_out, ks, stride, padding, dilation, groups, bias, mode, extra = case
+    K = int(np.prod(ks))
+    D_mul = None if K == 1 else K + extra
+    layer = DOConv2d(C_in, C_out, ks, stride, padding, dilation, groups, bias, mode, dtype=torch.float64, D_mul=D_mul)
+    params = random_params(layer)
+    set_params(layer, params)
+    x = np.random.default_rng(1).normal(size=(2, C_in, 9, 8))
+    got = layer(torch.from_numpy(x)).detach().numpy()
+    want = core.doconv_reference(
+        x, params["W"], params["D"], params["bias"], ks, stride, padding, dilation, groups, mode
+    )
+    assert rel_err(got, want) < 1e-10
+    # and the fused layer gives the same output
+    assert rel_err(layer.fuse()(torch.from_numpy(x)).detach().numpy(), want) < 1e-10
+
+
+@pytest.mark.parametrize("cls,rank,ks", [(DOConv1d, 1, 3), (DOConv3d, 3, (3, 1, 2))])
+def test_other_ranks_match_oracle(cls, rank, ks):
+    layer = cls(4, 6, ks, stride=1, padding=1, groups=2, dtype=torch.float64)
+    params = random_params(layer)
+    set_params(layer, params)
+    x = np.random.default_rng(2).normal(size=(2, 4) + (6,) * rank)
+    want = core.doconv_reference(x, params["W"], params["D"], params["bias"], ks, 1, 1, 1, 2)
+    assert rel_err(layer(torch.from_numpy(x)).detach().numpy(), want) < 1e-10
+    assert type(layer.fuse()) is {1: nn.Conv1d, 3: nn.Conv3d}[rank]
+
+
+def test_float32_tolerance_and_unbatched_input():
+    layer = DOConv2d(3, 4, 3, padding=1)
+    params = random_params(layer)
+    set_params(layer, params)
+    x = np.random.default_rng(3).normal(size=(3, 7, 7)).astype(np.float32)
+    want = core.doconv_reference(x[None].astype(np.float64), params["W"], params["D"], params["bias"], 3, 1, 1)[0]
+    got = layer(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_parameters_state_dict_and_repr():
+    layer = DOConv2d(4, 8, 3, padding=1, groups=2)
+    assert [n for n, _ in layer.named_parameters()] == ["W", "D", "bias"]
+    assert list(layer.state_dict()) == ["W", "D", "bias"]  # the identity is not saved
+    assert layer.W.shape == (8, 2, 9) and layer.D.shape == (4, 9, 9)
+    assert float(layer.D.detach().abs().max()) == 0.0
+    assert repr(layer) == "DOConv2d(4, 8, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), groups=2, D_mul=9)"
+    one = DOConv2d(4, 8, 1, bias=False, D_mul=5)
+    assert one.D is None and one.D_mul == 1 and list(one.state_dict()) == ["W"]
+
+
+def test_positional_arguments_follow_nn_conv2d():
+    layer = DOConv2d(8, 8, 3, 1, 1)  # the original code read the 4th argument as D_mul
+    assert layer.stride == (1, 1) and layer.padding == (1, 1) and layer.D_mul == 9
+    assert layer(torch.randn(1, 8, 5, 5)).shape == (1, 8, 5, 5)
+
+
+def test_weight_reads_the_folded_kernel_and_is_differentiable():
+    layer = DOConv2d(3, 4, 3)
+    set_params(layer, random_params(layer))
+    p = get_params(layer)
+    np.testing.assert_allclose(layer.weight.detach().numpy(), core.fold(p["W"], p["D"], 1, (3, 3)), rtol=1e-5)
+    layer.weight.sum().backward()
+    assert layer.W.grad is not None and float(layer.D.grad.abs().sum()) > 0
+
+
+def test_gradients_reach_W_and_D():
+    layer = DOConv2d(3, 4, 3, groups=1)
+    layer(torch.randn(2, 3, 6, 6)).square().sum().backward()
+    assert float(layer.W.grad.abs().sum()) > 0 and float(layer.D.grad.abs().sum()) > 0
+
+
+def test_eval_reuses_the_kernel_until_parameters_change():
+    layer = DOConv2d(3, 4, 3).eval()
+    x = torch.randn(1, 3, 6, 6)
+    with torch.no_grad():
+        first = layer._kernel()
+        assert layer._kernel() is first  # composed once, reused
+        y0 = layer(x)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer.train()
+    layer(x).sum().backward()
+    optimizer.step()
+    layer.eval()
+    with torch.no_grad():
+        assert layer._kernel() is not first  # the optimizer changed W: recomposed
+        assert not torch.allclose(layer(x), y0)
+        torch.testing.assert_close(layer(x), layer.fuse()(x))
+        layer.load_state_dict({k: v * 2 for k, v in layer.state_dict().items()})
+        torch.testing.assert_close(layer(x), layer.fuse()(x))
+
+
+def test_training_step_never_uses_a_stale_kernel():
+    layer = DOConv2d(3, 4, 3)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
+    x = torch.randn(2, 3, 6, 6)
+    for _ in range(3):
+        optimizer.zero_grad()
+        y = layer(x)
+        torch.testing.assert_close(y, layer.fuse()(x))
+        y.square().mean().backward()
+        optimizer.step()
+
+
+# --- from_conv, state_dict loading, fuse ------------------------------------------------------
+
+
+@pytest.mark.parametrize("D_mul", [None, 11, 18, 21])
+def test_from_conv_gives_the_conv_outputs(D_mul):
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2).double()
+    layer = DOConv2d.from_conv(conv, D_mul=D_mul)
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), conv(x), rtol=1e-12, atol=1e-12)
+    assert layer.W.dtype == torch.float64 and float(layer.D.abs().max()) == 0
+    tail = 9 * (layer.D_mul // 9)
+    if tail < layer.D_mul:  # columns past the last tile keep a random init, so they can learn
+        assert float(layer.W[:, :, tail:].abs().max()) > 0
+    assert float(layer.W[:, :, 9:tail].detach().abs().sum()) == 0
+
+
+def test_from_conv_refuses_other_layers():
+    with pytest.raises(TypeError, match=r"DOConv2d.from_conv needs an nn.Conv2d. Received: conv of type Conv1d"):
+        DOConv2d.from_conv(nn.Conv1d(2, 2, 3))
+
+
+def test_load_a_plain_conv_state_dict():
+    conv = nn.Conv2d(4, 6, 3, padding=1, groups=2)
+    layer = DOConv2d(4, 6, 3, padding=1, groups=2, D_mul=12)
+    layer.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 4, 7, 7)
+    torch.testing.assert_close(layer(x), conv(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"weight must have shape \(6, 2, 3, 3\).*Received: weight.shape=\(6, 2, 5, 5\)"):
+        layer.load_state_dict(nn.Conv2d(4, 6, 5, groups=2).state_dict())
+
+
+def original_checkpoint(layer, seed=0):
+    """A state_dict laid out as the original DO-Conv PyTorch code saves it (W, D, D_diag)."""
+    rng = np.random.default_rng(seed)
+    K, D_mul = layer.D.shape[1], layer.D_mul
+    diag = np.tile(core.identity(K, D_mul, np.float32)[None], (layer.in_channels, 1, 1))
+    return {
+        "W": torch.from_numpy(rng.normal(size=tuple(layer.W.shape)).astype(np.float32)),
+        "D": torch.from_numpy(rng.normal(size=tuple(layer.D.shape)).astype(np.float32) * 0.3),
+        "D_diag": torch.from_numpy(diag),
+        "bias": torch.zeros(layer.out_channels),
+    }
+
+
+@pytest.mark.parametrize("groups,C_in,C_out,exact", [(1, 3, 4, True), (4, 4, 4, True), (2, 4, 4, False), (4, 4, 8, False)])
+def test_load_a_checkpoint_of_the_original_code(groups, C_in, C_out, exact):
+    layer = DOConv2d(C_in, C_out, 3, padding=1, groups=groups)
+    state = original_checkpoint(layer)
+    if not exact:
+        with pytest.raises(ValueError, match=rf"cannot be loaded exactly.*Received: groups={groups}.*fold_reference_pytorch"):
+            layer.load_state_dict(state)
+        return
+    layer.load_state_dict(state)
+    kernel = core.fold_reference_pytorch(
+        state["W"].numpy(), state["D"].numpy(), state["D_diag"].numpy(), groups, (3, 3)
+    )
+    np.testing.assert_allclose(layer.weight.detach().numpy(), kernel, rtol=1e-5, atol=1e-6)
+
+
+def test_fuse_keeps_device_dtype_mode_and_refuses_non_finite():
+    layer = DOConv2d(3, 4, 3, padding="same", padding_mode="reflect", dtype=torch.float64).eval()
+    fused = layer.fuse()
+    assert type(fused) is nn.Conv2d and fused.weight.dtype == torch.float64 and not fused.training
+    assert fused.padding == "same" and fused.padding_mode == "reflect"
+    with torch.no_grad():
+        layer.D[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"Cannot fuse DOConv2d: its parameter D holds NaN or infinity"):
+        layer.fuse()
+
+
+# --- whole models -------------------------------------------------------------------------
+
+
+class Nested(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU())])
+        self.heads = nn.ModuleDict({"a": nn.Conv2d(8, 4, 1), "b": nn.Conv2d(8, 4, (1, 3), padding=(0, 1))})
+        self.shared = nn.Conv2d(4, 4, 3, padding=1)
+        self.again = self.shared  # one module under two names
+
+    def forward(self, x):
+        x = self.blocks[0](self.stem(x))
+        return self.again(self.shared(self.heads["a"](x) + self.heads["b"](x)))
+
+
+def count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_convert_and_fuse_a_nested_model():
+    model = Nested().double().eval()
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    y = model(x)
+    converted = convert_model(model)
+    assert {k: v.equal(before[k]) for k, v in model.state_dict().items()} == dict.fromkeys(before, True)
+    assert type(converted.stem) is DOConv2d and type(converted.heads["b"]) is DOConv2d
+    assert converted.shared is converted.again and not converted.training
+    assert next(converted.parameters()).dtype == torch.float64
+    torch.testing.assert_close(converted(x), y, rtol=1e-10, atol=1e-12)
+    fused = fuse_model(converted)
+    assert type(fused.stem) is nn.Conv2d and count(fused) == count(model)
+    torch.testing.assert_close(fused(x), y, rtol=1e-10, atol=1e-12)
+
+
+def test_convert_model_D_mul_forms():
+    model = Nested()
+    with pytest.warns(UserWarning, match=r"D_mul=4 is smaller than the kernel's K for these layers.*stem.*blocks.0.0"):
+        converted = convert_model(model, D_mul=4)
+    assert converted.stem.D_mul == 9 and converted.heads["b"].D_mul == 4 and converted.heads["a"].D_mul == 1
+    chosen = convert_model(model, D_mul=lambda name, conv: None if name.startswith("heads") else 2 * 9)
+    assert type(chosen.heads["a"]) is nn.Conv2d and chosen.stem.D_mul == 18
+    with pytest.raises(ValueError, match=r"D_mul must be positive. Received: D_mul=0"):
+        convert_model(model, D_mul=0)
+
+
+def test_convert_model_failure_leaves_the_model_untouched():
+    model = Nested()
+    calls = []
+
+    def fail_on_second(name, conv):
+        calls.append(name)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return None if conv.kernel_size == (1, 1) else 9
+
+    with pytest.raises(RuntimeError, match="boom"):
+        convert_model(model, D_mul=fail_on_second, inplace=True)
+    assert not any(isinstance(m, DOConv2d) for m in model.modules())
+    converted = convert_model(model, inplace=True)
+    assert converted is model and type(model.stem) is DOConv2d
+
+
+def test_nothing_to_convert_or_fuse_warns():
+    with pytest.warns(UserWarning, match="found no nn.Conv1d/2d/3d"):
+        convert_model(nn.Linear(2, 2))
+    with pytest.warns(UserWarning, match="found no DO-Conv layer"):
+        fuse_model(nn.Linear(2, 2))
+
+
+def test_params_round_trip_and_errors():
+    layer = DOConv2d(4, 6, 3, groups=2, D_mul=11)
+    p = random_params(layer)
+    q = get_params(set_params(layer, p))
+    assert all(np.array_equal(p[k], q[k]) for k in p)
+    with pytest.raises(ValueError, match=r"params\['D'\] must have shape \(4, 9, 11\) for this layer. Received: \(4, 9, 9\)"):
+        set_params(layer, dict(p, D=np.zeros((4, 9, 9), np.float32)))
+    with pytest.raises(ValueError, match=r"params\['bias'\] must have shape \(6,\) for this layer. Received: None"):
+        set_params(layer, dict(p, bias=None))
+    with pytest.raises(TypeError, match=r"get_params needs a DO-Conv layer. Received: layer of type Conv2d"):
+        get_params(nn.Conv2d(1, 1, 1))
+
+
+# --- export, compile, precision, memory format -------------------------------------------------
+
+
+def small_net():
+    return nn.Sequential(
+        DOConv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        DOConv2d(8, 8, 3, padding=1, groups=4, padding_mode="reflect"),
+        DOConv2d(8, 8, 3, stride=2, groups=8, D_mul=12),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    ).eval()
+
+
+def test_torchscript_and_trace_unfused_and_fused():
+    net = small_net()
+    x = torch.randn(2, 3, 8, 8)
+    y = net(x)
+    for model in (net, fuse_model(net)):
+        torch.testing.assert_close(torch.jit.script(model)(x), y, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.jit.trace(model, x)(x), y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_torch_compile_forward_and_backward():
+    net = small_net().train()
+    x = torch.randn(2, 3, 8, 8)
+    ref = copy.deepcopy(net)
+    compiled = torch.compile(net)
+    y = compiled(x)
+    y_ref = ref(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    torch.testing.assert_close(net[0].D.grad, ref[0].D.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(net[3].W.grad, ref[3].W.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_onnx_export_of_the_fused_model(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    net = small_net()
+    fused = fuse_model(net)
+    x = torch.randn(2, 3, 8, 8)
+    path = tmp_path / "fused.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(fused, (x,), str(path))
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "Conv" in ops and not ops & {"Einsum", "MatMul", "Mul"}
+    session = ort.InferenceSession(str(path))
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    np.testing.assert_allclose(got, net(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_autocast_bfloat16_and_channels_last():
+    net = small_net().train()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = net(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert net[0].D.grad is not None
+    net.eval()
+    x_last = x.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(net.to(memory_format=torch.channels_last)(x_last), net(x), rtol=1e-5, atol=1e-5)
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        (dict(D_mul=4), ValueError, r"D_mul must be at least.*= 9.*Received: D_mul=4, kernel_size=\(3, 3\)"),
+        (dict(groups=3), ValueError, r"input channels must be divisible by groups. Received: in_channels=4, groups=3"),
+        (dict(out_channels=6, groups=4), ValueError, r"output channels must be divisible by groups. Received: out_channels=6, groups=4"),
+        (dict(stride=2, padding="same"), ValueError, r"padding='same' is not supported for strided.*Received: padding='same', stride=\(2, 2\)"),
+        (dict(padding=((0, 1), (1, 1))), ValueError, r"padding must be symmetric.*Received: padding=\(\(0, 1\), \(1, 1\)\)"),
+        (dict(padding=-1), ValueError, r"padding must be >= 0. Received: padding=-1"),
+        (dict(padding="full"), ValueError, r"Received: padding='full'"),
+        (dict(padding_mode="mirror"), ValueError, r"Received: padding_mode='mirror'"),
+        (dict(kernel_size=0), ValueError, r"kernel_size must be positive. Received: kernel_size=0"),
+        (dict(kernel_size=True), TypeError, r"kernel_size must be an integer or a sequence of 2 integers. Received: kernel_size=True"),
+        (dict(in_channels=2.5), TypeError, r"in_channels must be an integer. Received: in_channels=2.5"),
+        (dict(bias=1), TypeError, r"bias must be True or False. Received: bias=1"),
+    ],
+)
+def test_bad_arguments(kwargs, error, message):
+    args = dict(in_channels=4, out_channels=8, kernel_size=3)
+    args.update(kwargs)
+    with pytest.raises(error, match=message):
+        DOConv2d(**args)
+
+
+def test_bad_input_at_forward_names_expected_and_received_shapes():
+    layer = DOConv2d(3, 4, 3)
+    with pytest.raises(ValueError, match=r"expects input of shape \(N, 3, \*spatial\).*Received: input.shape=\[2, 4, 8, 8\]"):
+        layer(torch.randn(2, 4, 8, 8))
+    with pytest.raises(ValueError, match=r"with 2 spatial dimensions. Received: input.shape=\[2, 3, 8\]"):
+        layer(torch.randn(2, 3, 8))
+
+
+# --- DistributedDataParallel ------------------------------------------------------------------
+
+
+def _ddp_net():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        DOConv2d(3, 6, 3, padding=1), nn.ReLU(), DOConv2d(6, 6, 3, groups=3, D_mul=12), nn.Flatten(), nn.LazyLinear(2)
+    ).double()
+
+
+def _ddp_data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(8, 3, 6, 6, generator=g, dtype=torch.float64), torch.randn(8, 2, generator=g, dtype=torch.float64)
+
+
+def _ddp_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    net = _ddp_net()
+    x, t = _ddp_data()
+    net(x[:1])  # materialise the lazy layer before wrapping
+    model = nn.parallel.DistributedDataParallel(net)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    shard = slice(rank * 4, rank * 4 + 4)
+    for _ in range(3):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x[shard]), t[shard]).backward()
+        optimizer.step()
+    torch.save({k: v.detach().clone() for k, v in net.state_dict().items()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_replicas_stay_identical_and_match_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    net = _ddp_net()
+    x, t = _ddp_data()
+    net(x[:1])
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(net(x), t).backward()
+        optimizer.step()
+    for key, value in net.state_dict().items():
+        assert torch.equal(states[0][key], states[1][key]), key
+        torch.testing.assert_close(states[0][key], value, rtol=1e-10, atol=1e-12)
+    assert float(net[0].D.abs().max()) > 0  # D really trained
