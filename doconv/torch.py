@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Optional, Union
 
 import numpy as np
@@ -65,6 +66,92 @@ def fold(W: Tensor, D: Optional[Tensor], identity: Optional[Tensor], groups: int
     return folded.reshape(kernel_shape)
 
 
+# -- the CPU fast path ---------------------------------------------------------------------------
+#
+# The fold is a batch of tiny matrix products, one per input channel c: (C_out/g x D_mul) @ (D_mul x K).
+# torch's bmm is slow for that shape on CPU (PERF-NOTES: most of DO-Conv's overhead), while NumPy's
+# matmul takes the strided views as they are and writes straight into the (C_out, C_in/g, K) layout
+# that the convolution reads, with no transposed copy. Both halves of the batch run in threads
+# (NumPy releases the GIL). Used for float32/float64 CPU tensors in eager mode; scripting, tracing,
+# torch.compile, CUDA and half types take `fold` above.
+
+_POOL: Optional[ThreadPoolExecutor] = None
+_PARALLEL_MIN_MACS = 1 << 20  # below this, thread hand-off costs more than it saves
+
+
+def _run_split(work: Callable[[slice], None], n: int, macs: int) -> None:
+    """Run ``work`` over ``n`` items, split in parts for torch's intra-op thread count."""
+    global _POOL
+    parts = min(torch.get_num_threads(), n)
+    if parts < 2 or macs < _PARALLEL_MIN_MACS:
+        work(slice(0, n))
+        return
+    if _POOL is None or _POOL._max_workers < parts:
+        _POOL = ThreadPoolExecutor(max_workers=parts, thread_name_prefix="doconv-fold")
+    futures = [_POOL.submit(work, slice(p * n // parts, (p + 1) * n // parts)) for p in range(parts)]
+    for future in futures:
+        future.result()
+
+
+def _grouped(array: np.ndarray, groups: int) -> np.ndarray:
+    """(C_out or C_in, ...) -> (g, C/g, ...): a view, no copy."""
+    return array.reshape((groups, array.shape[0] // groups) + array.shape[1:])
+
+
+class _FoldCPU(torch.autograd.Function):
+    """Kernel composition with NumPy batched matmuls; forward and backward (see the note above)."""
+
+    @staticmethod
+    def forward(ctx, W: Tensor, D_hat: Tensor, groups: int) -> Tensor:
+        C_out, C_in_g, D_mul = W.shape
+        K = D_hat.shape[1]
+        folded = torch.empty((C_out, C_in_g, K), dtype=W.dtype)
+        # (g, c, o, s) @ (g, c, s, k) -> (g, c, o, k), written into folded's (o, c, k) layout
+        Wb = _grouped(W.detach().numpy(), groups).transpose(0, 2, 1, 3)
+        Db = _grouped(D_hat.detach().numpy(), groups).transpose(0, 1, 3, 2)
+        out = _grouped(folded.numpy(), groups).transpose(0, 2, 1, 3)
+
+        def work(part: slice) -> None:
+            np.matmul(Wb[:, part], Db[:, part], out=out[:, part])
+
+        _run_split(work, C_in_g, C_out * C_in_g * K * D_mul)
+        ctx.save_for_backward(W, D_hat)
+        ctx.groups = groups
+        return folded
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        W, D_hat = ctx.saved_tensors
+        groups = ctx.groups
+        C_out, C_in_g, D_mul = W.shape
+        K = D_hat.shape[1]
+        grad = grad.contiguous()
+        grad_W = torch.empty(W.shape, dtype=W.dtype)
+        grad_D = torch.empty(D_hat.shape, dtype=D_hat.dtype)
+        Gb = _grouped(grad.numpy(), groups).transpose(0, 2, 1, 3)  # (g, c, o, k)
+        Wb = _grouped(W.detach().numpy(), groups).transpose(0, 2, 1, 3)  # (g, c, o, s)
+        Db = _grouped(D_hat.detach().numpy(), groups)  # (g, c, k, s)
+        gW = _grouped(grad_W.numpy(), groups).transpose(0, 2, 1, 3)  # (g, c, o, s)
+        gD = _grouped(grad_D.numpy(), groups)  # (g, c, k, s)
+
+        def work(part: slice) -> None:
+            if ctx.needs_input_grad[0]:
+                np.matmul(Gb[:, part], Db[:, part], out=gW[:, part])
+            if ctx.needs_input_grad[1]:
+                np.matmul(Gb[:, part].transpose(0, 1, 3, 2), Wb[:, part], out=gD[:, part])
+
+        _run_split(work, C_in_g, 2 * C_out * C_in_g * K * D_mul)
+        return grad_W, grad_D, None
+
+
+def _fold_fast(W: Tensor, D: Tensor, identity: Tensor, groups: int, kernel_shape: list[int]) -> Tensor:
+    """:func:`fold` through :class:`_FoldCPU` where it applies, else :func:`fold` itself."""
+    if W.device.type != "cpu" or W.dtype not in (torch.float32, torch.float64) or D.dtype != W.dtype:
+        return fold(W, D, identity, groups, kernel_shape)
+    # contiguous() is a no-op for parameters; the NumPy views below rely on it.
+    return _FoldCPU.apply(W.contiguous(), (D + identity).contiguous(), groups).reshape(kernel_shape)
+
+
 def _numpy(tensor: Tensor) -> np.ndarray:
     """A CPU NumPy copy; half and bfloat16 go through float32 (exactly)."""
     tensor = tensor.detach().cpu()
@@ -77,7 +164,17 @@ class _DOConvNd(nn.Module):
     """Shared implementation of DOConv1d/2d/3d; see :class:`DOConv2d`."""
 
     _rank = 2
-    __constants__ = ["_rank", "_no_padding", "stride", "padding", "dilation", "groups", "padding_mode", "D_mul", "in_channels"]
+    __constants__ = [
+        "_rank",
+        "_no_padding",
+        "stride",
+        "padding",
+        "dilation",
+        "groups",
+        "padding_mode",
+        "D_mul",
+        "in_channels",
+    ]
     # `weight` composes the kernel in Python; TorchScript compiles `forward` only.
     __jit_unused_properties__ = ["weight"]
 
@@ -169,6 +266,13 @@ class _DOConvNd(nn.Module):
         return fold(self.W, self.D, self.identity, self.groups, self._kernel_shape)
 
     @torch.jit.unused
+    def _fold_eager(self) -> Tensor:
+        """The fold in eager mode: the CPU fast path where it applies."""
+        if self.D is None or self.identity is None:
+            return self._fold()
+        return _fold_fast(self.W, self.D, self.identity, self.groups, self._kernel_shape)
+
+    @torch.jit.unused
     def _cached_fold(self) -> Tensor:
         """The composed kernel, reused while W and D are unchanged (no gradient needed)."""
         D = self.D
@@ -181,20 +285,21 @@ class _DOConvNd(nn.Module):
             self.W.device,
         )
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self._fold().detach())
+            with torch.no_grad():
+                self._cache = (key, self._fold_eager())
         return self._cache[1]
 
     def _kernel(self) -> Tensor:
         if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return self._fold()
         if torch.is_grad_enabled() and (self.W.requires_grad or (self.D is not None and self.D.requires_grad)):
-            return self._fold()
+            return self._fold_eager()
         return self._cached_fold()
 
     @property
     def weight(self) -> Tensor:
         """The folded kernel ``(C_out, C_in/g, *kernel_size)``, differentiable (read-only)."""
-        return self._fold()
+        return self._fold_eager()
 
     def train(self, mode: bool = True):
         self._cache = None
@@ -287,7 +392,7 @@ class _DOConvNd(nn.Module):
             dtype=self.W.dtype,
         )
         with torch.no_grad():
-            conv.weight.copy_(self._fold())
+            conv.weight.copy_(self._fold_eager())
             if self.bias is not None:
                 conv.bias.copy_(self.bias)
         conv.train(self.training)
@@ -506,7 +611,9 @@ def convert_model(
             stacklevel=2,
         )
     if count == 0:
-        warnings.warn("convert_model found no nn.Conv1d/2d/3d to convert; the model is returned unchanged.", stacklevel=2)
+        warnings.warn(
+            "convert_model found no nn.Conv1d/2d/3d to convert; the model is returned unchanged.", stacklevel=2
+        )
     return converted
 
 

@@ -118,6 +118,52 @@ def test_weight_reads_the_folded_kernel_and_is_differentiable():
     assert layer.W.grad is not None and float(layer.D.grad.abs().sum()) > 0
 
 
+@pytest.mark.parametrize("groups,C_in,C_out,D_mul", [(1, 5, 7, 9), (2, 4, 6, 11), (4, 4, 4, 18), (4, 4, 8, 9)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_fast_path_equals_the_einsum_fold_values_and_gradients(groups, C_in, C_out, D_mul, dtype):
+    from doconv.torch import _fold_fast, fold
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(C_out, C_in // groups, D_mul, generator=g, dtype=dtype, requires_grad=True)
+    D = torch.randn(C_in, 9, D_mul, generator=g, dtype=dtype, requires_grad=True)
+    identity = torch.as_tensor(core.identity(9, D_mul), dtype=dtype)
+    shape = [C_out, C_in // groups, 3, 3]
+    upstream = torch.randn(shape, generator=g, dtype=dtype)
+    fast = _fold_fast(W, D, identity, groups, shape)
+    slow = fold(W, D, identity, groups, shape)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast, slow, **tol)
+    p = {"W": W.detach().double().numpy(), "D": D.detach().double().numpy()}
+    np.testing.assert_allclose(fast.detach().double().numpy(), core.fold(p["W"], p["D"], groups, (3, 3)), **tol)
+    for a, b in zip(torch.autograd.grad(fast, (W, D), upstream), torch.autograd.grad(slow, (W, D), upstream)):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_cpu_fast_path_splits_large_folds_across_threads():
+    from doconv import torch as adapter
+
+    layer = DOConv2d(256, 128, 3, groups=2, dtype=torch.float64)  # 256·64·81·2 MACs: above the split threshold
+    assert 128 * 128 * 81 >= adapter._PARALLEL_MIN_MACS
+    set_params(layer, random_params(layer))
+    p = get_params(layer)
+    fast = layer.weight
+    assert rel_err(fast.detach().numpy(), core.fold(p["W"], p["D"], 2, (3, 3))) < 1e-10
+    upstream = torch.randn(fast.shape, dtype=torch.float64)
+    got = torch.autograd.grad(fast, (layer.W, layer.D), upstream)
+    want = torch.autograd.grad(layer._fold(), (layer.W, layer.D), upstream)
+    for a, b in zip(got, want):
+        assert rel_err(a.numpy(), b.numpy()) < 1e-10
+
+
+def test_cpu_fast_path_passes_gradcheck():
+    from doconv.torch import _fold_fast
+
+    identity = torch.as_tensor(core.identity(4, 6), dtype=torch.float64)
+    W = torch.randn(4, 2, 6, dtype=torch.float64, requires_grad=True)
+    D = torch.randn(4, 4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda W, D: _fold_fast(W, D, identity, 2, [4, 2, 2, 2]), (W, D))
+
+
 def test_gradients_reach_W_and_D():
     layer = DOConv2d(3, 4, 3, groups=1)
     layer(torch.randn(2, 3, 6, 6)).square().sum().backward()
@@ -183,7 +229,9 @@ def test_load_a_plain_conv_state_dict():
     layer.load_state_dict(conv.state_dict())
     x = torch.randn(2, 4, 7, 7)
     torch.testing.assert_close(layer(x), conv(x), rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match=r"weight must have shape \(6, 2, 3, 3\).*Received: weight.shape=\(6, 2, 5, 5\)"):
+    with pytest.raises(
+        ValueError, match=r"weight must have shape \(6, 2, 3, 3\).*Received: weight.shape=\(6, 2, 5, 5\)"
+    ):
         layer.load_state_dict(nn.Conv2d(4, 6, 5, groups=2).state_dict())
 
 
@@ -200,12 +248,16 @@ def original_checkpoint(layer, seed=0):
     }
 
 
-@pytest.mark.parametrize("groups,C_in,C_out,exact", [(1, 3, 4, True), (4, 4, 4, True), (2, 4, 4, False), (4, 4, 8, False)])
+@pytest.mark.parametrize(
+    "groups,C_in,C_out,exact", [(1, 3, 4, True), (4, 4, 4, True), (2, 4, 4, False), (4, 4, 8, False)]
+)
 def test_load_a_checkpoint_of_the_original_code(groups, C_in, C_out, exact):
     layer = DOConv2d(C_in, C_out, 3, padding=1, groups=groups)
     state = original_checkpoint(layer)
     if not exact:
-        with pytest.raises(ValueError, match=rf"cannot be loaded exactly.*Received: groups={groups}.*fold_reference_pytorch"):
+        with pytest.raises(
+            ValueError, match=rf"cannot be loaded exactly.*Received: groups={groups}.*fold_reference_pytorch"
+        ):
             layer.load_state_dict(state)
         return
     layer.load_state_dict(state)
@@ -303,7 +355,9 @@ def test_params_round_trip_and_errors():
     p = random_params(layer)
     q = get_params(set_params(layer, p))
     assert all(np.array_equal(p[k], q[k]) for k in p)
-    with pytest.raises(ValueError, match=r"params\['D'\] must have shape \(4, 9, 11\) for this layer. Received: \(4, 9, 9\)"):
+    with pytest.raises(
+        ValueError, match=r"params\['D'\] must have shape \(4, 9, 11\) for this layer. Received: \(4, 9, 9\)"
+    ):
         set_params(layer, dict(p, D=np.zeros((4, 9, 9), np.float32)))
     with pytest.raises(ValueError, match=r"params\['bias'\] must have shape \(6,\) for this layer. Received: None"):
         set_params(layer, dict(p, bias=None))
@@ -390,14 +444,30 @@ def test_autocast_bfloat16_and_channels_last():
     [
         (dict(D_mul=4), ValueError, r"D_mul must be at least.*= 9.*Received: D_mul=4, kernel_size=\(3, 3\)"),
         (dict(groups=3), ValueError, r"input channels must be divisible by groups. Received: in_channels=4, groups=3"),
-        (dict(out_channels=6, groups=4), ValueError, r"output channels must be divisible by groups. Received: out_channels=6, groups=4"),
-        (dict(stride=2, padding="same"), ValueError, r"padding='same' is not supported for strided.*Received: padding='same', stride=\(2, 2\)"),
-        (dict(padding=((0, 1), (1, 1))), ValueError, r"padding must be symmetric.*Received: padding=\(\(0, 1\), \(1, 1\)\)"),
+        (
+            dict(out_channels=6, groups=4),
+            ValueError,
+            r"output channels must be divisible by groups. Received: out_channels=6, groups=4",
+        ),
+        (
+            dict(stride=2, padding="same"),
+            ValueError,
+            r"padding='same' is not supported for strided.*Received: padding='same', stride=\(2, 2\)",
+        ),
+        (
+            dict(padding=((0, 1), (1, 1))),
+            ValueError,
+            r"padding must be symmetric.*Received: padding=\(\(0, 1\), \(1, 1\)\)",
+        ),
         (dict(padding=-1), ValueError, r"padding must be >= 0. Received: padding=-1"),
         (dict(padding="full"), ValueError, r"Received: padding='full'"),
         (dict(padding_mode="mirror"), ValueError, r"Received: padding_mode='mirror'"),
         (dict(kernel_size=0), ValueError, r"kernel_size must be positive. Received: kernel_size=0"),
-        (dict(kernel_size=True), TypeError, r"kernel_size must be an integer or a sequence of 2 integers. Received: kernel_size=True"),
+        (
+            dict(kernel_size=True),
+            TypeError,
+            r"kernel_size must be an integer or a sequence of 2 integers. Received: kernel_size=True",
+        ),
         (dict(in_channels=2.5), TypeError, r"in_channels must be an integer. Received: in_channels=2.5"),
         (dict(bias=1), TypeError, r"bias must be True or False. Received: bias=1"),
     ],
@@ -411,7 +481,9 @@ def test_bad_arguments(kwargs, error, message):
 
 def test_bad_input_at_forward_names_expected_and_received_shapes():
     layer = DOConv2d(3, 4, 3)
-    with pytest.raises(ValueError, match=r"expects input of shape \(N, 3, \*spatial\).*Received: input.shape=\[2, 4, 8, 8\]"):
+    with pytest.raises(
+        ValueError, match=r"expects input of shape \(N, 3, \*spatial\).*Received: input.shape=\[2, 4, 8, 8\]"
+    ):
         layer(torch.randn(2, 4, 8, 8))
     with pytest.raises(ValueError, match=r"with 2 spatial dimensions. Received: input.shape=\[2, 3, 8\]"):
         layer(torch.randn(2, 3, 8))
@@ -429,7 +501,9 @@ def _ddp_net():
 
 def _ddp_data():
     g = torch.Generator().manual_seed(1)
-    return torch.randn(8, 3, 6, 6, generator=g, dtype=torch.float64), torch.randn(8, 2, generator=g, dtype=torch.float64)
+    return torch.randn(8, 3, 6, 6, generator=g, dtype=torch.float64), torch.randn(
+        8, 2, generator=g, dtype=torch.float64
+    )
 
 
 def _ddp_worker(rank, world, init_file, out_dir):
