@@ -1,0 +1,6 @@
+"""Runner: DOConv2d vs nn.Conv2d ratios (see doconv/benchmarks/bench_torch.py)."""
+
+from doconv.benchmarks.bench_torch import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

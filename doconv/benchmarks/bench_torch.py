@@ -1,0 +1,344 @@
+"""DOConv2d against nn.Conv2d, measured side by side in one process.
+
+Every measurement alternates the variants inside each repeat (the order rotates),
+so drift of the machine's speed hits all of them alike, and reports the median of
+the per-repeat ratios. A second native copy ("control") shows the noise floor:
+its ratio to the native model should read 1.00.
+
+Run ``python benchmarks/bench_torch.py`` (or ``doconv bench``); ``--quick`` is a
+seconds-long smoke run with small sizes, ``--device cuda`` measures on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from doconv.torch import DOConv2d, convert_model, fuse_model
+
+# -- a ResNet-18-style network (torchvision does not work with the CPU torch here) --------------
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with batch norm and an identity (or 1x1) shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+def resnet18_style(num_classes: int = 10, width: int = 64) -> nn.Module:
+    """ResNet-18's layout (7x7 stem, max-pool, 4 stages of 2 basic blocks) with plain nn.Conv2d.
+
+    Args:
+        num_classes: outputs of the final linear layer. Default 10.
+        width: channels of the first stage (64 in ResNet-18); the stages double it. Default 64.
+
+    Example:
+        >>> resnet18_style(width=8)(torch.randn(1, 3, 32, 32)).shape
+        torch.Size([1, 10])
+    """
+    widths = [width, 2 * width, 4 * width, 8 * width]
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, width, 7, 2, 3, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, 2, 1),
+    ]
+    in_channels = width
+    for stage, out_channels in enumerate(widths):
+        stride = 1 if stage == 0 else 2
+        layers += [BasicBlock(in_channels, out_channels, stride), BasicBlock(out_channels, out_channels)]
+        in_channels = out_channels
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_channels, num_classes)]
+    return nn.Sequential(*layers)
+
+
+# -- timing ------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def side_by_side(variants: dict[str, Callable[[], object]], repeats: int, warmup: int, device) -> dict[str, list]:
+    """Seconds per call of each variant, alternating them inside every repeat."""
+    names = list(variants)
+    for _ in range(warmup):
+        for name in names:
+            variants[name]()
+    _sync(device)
+    times: dict[str, list] = {name: [] for name in names}
+    for r in range(repeats):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            _sync(device)
+            start = time.perf_counter()
+            variants[name]()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median_ratio(times: dict[str, list], name: str, base: str = "native") -> float:
+    return statistics.median(a / b for a, b in zip(times[name], times[base]))
+
+
+def _train_step(model: nn.Module, optimizer, x, target) -> Callable[[], None]:
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), target).backward()
+        optimizer.step()
+
+    return step
+
+
+def _layer_step(layer: nn.Module, optimizer, x) -> Callable[[], None]:
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        layer(x).square().mean().backward()
+        optimizer.step()
+
+    return step
+
+
+def _eval(model: nn.Module, x) -> Callable[[], None]:
+    def forward() -> None:
+        with torch.no_grad():
+            model(x)
+
+    return forward
+
+
+def _sgd(model: nn.Module):
+    return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+
+def _state_bytes(model: nn.Module) -> int:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
+
+
+def _tensor_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def _sizes(quick: bool) -> dict:
+    if quick:
+        return dict(batch=2, image=32, width=8, layer_channels=64, layer_batch=2, repeats=3, warmup=1)
+    return dict(batch=16, image=64, width=64, layer_channels=512, layer_batch=8, repeats=30, warmup=3)
+
+
+# -- peak training memory, one fresh process per variant -------------------------------------------
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _memory_child(variant: str, quick: bool, device: str) -> None:
+    """Print the peak memory of three training steps above the memory before them (bytes)."""
+    sizes = _sizes(quick)
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    model = resnet18_style(width=sizes["width"]).to(dev)
+    if variant == "doconv":
+        model = convert_model(model)
+    x = torch.randn(sizes["batch"], 3, sizes["image"], sizes["image"], device=dev)
+    target = torch.randint(0, 10, (sizes["batch"],), device=dev)
+    step = _train_step(model, _sgd(model), x, target)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        print(torch.cuda.max_memory_allocated() - before)
+        return
+    before = _rss_bytes()
+    for _ in range(3):
+        step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(peak - before)
+
+
+def _peak_memory(variant: str, quick: bool, device: str) -> int:
+    code = f"from doconv.benchmarks.bench_torch import _memory_child; _memory_child({variant!r}, {quick}, {device!r})"
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return int(done.stdout.strip().splitlines()[-1])
+
+
+# -- the measurements --------------------------------------------------------------------------
+
+
+def run(quick: bool = False, device: str = "cpu", repeats: int | None = None, memory: bool = True) -> list[dict]:
+    """Measure every ratio; returns one row per measurement.
+
+    Args:
+        quick: small sizes and few repeats, for a smoke run. Default False.
+        device: 'cpu' or 'cuda'. Default 'cpu'.
+        repeats: override the number of repeats. Default None (30, or 3 with quick).
+        memory: also measure peak training memory (two subprocesses). Default True.
+
+    Returns:
+        Rows ``{"measurement", "ratio", "control", "native_ms", "doconv_ms", "goal"}``.
+    """
+    sizes = _sizes(quick)
+    repeats = repeats or sizes["repeats"]
+    dev = torch.device(device)
+    rows: list[dict] = []
+
+    def add(measurement: str, times: dict, variant: str, goal: str) -> None:
+        rows.append(
+            {
+                "measurement": measurement,
+                "ratio": median_ratio(times, variant),
+                "control": median_ratio(times, "control"),
+                "native_ms": 1e3 * statistics.median(times["native"]),
+                "doconv_ms": 1e3 * statistics.median(times[variant]),
+                "goal": goal,
+            }
+        )
+
+    # The whole network: same initial kernels (convert_model keeps the outputs).
+    torch.manual_seed(0)
+    native = resnet18_style(width=sizes["width"]).to(dev)
+    control = copy.deepcopy(native)
+    doconv = convert_model(native)
+    x = torch.randn(sizes["batch"], 3, sizes["image"], sizes["image"], device=dev)
+    target = torch.randint(0, 10, (sizes["batch"],), device=dev)
+    net = f"ResNet-18-style, batch {sizes['batch']}, {sizes['image']}x{sizes['image']}"
+    steps = {m: _train_step(model, _sgd(model), x, target) for m, model in _named(native, control, doconv).items()}
+    add(f"{net}: train step", side_by_side(steps, repeats, sizes["warmup"], dev), "doconv", "<= 1.03")
+    for model in (native, control, doconv):
+        model.eval()
+    fused = fuse_model(doconv)
+    forwards = {m: _eval(model, x) for m, model in _named(native, control, doconv).items()}
+    forwards["fused"] = _eval(fused, x)
+    times = side_by_side(forwards, repeats, sizes["warmup"], dev)
+    add(f"{net}: eval forward, unfused", times, "doconv", "<= 1.02")
+    add(f"{net}: eval forward, fused", times, "fused", "1.00")
+
+    # The worst layer: 3x3, 512 -> 512 at 7x7, batch 8 (the fold is largest next to the conv).
+    channels = sizes["layer_channels"]
+    conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(dev)
+    layers = _named(conv, copy.deepcopy(conv), DOConv2d.from_conv(conv))
+    xl = torch.randn(sizes["layer_batch"], channels, 7, 7, device=dev)
+    layer = f"3x3 {channels}->{channels} at 7x7, batch {sizes['layer_batch']}"
+    steps = {m: _layer_step(mod, _sgd(mod), xl) for m, mod in layers.items()}
+    add(f"{layer}: train step", side_by_side(steps, repeats, sizes["warmup"], dev), "doconv", "<= 1.15")
+    for mod in layers.values():
+        mod.eval()
+    times = side_by_side({m: _eval(mod, xl) for m, mod in layers.items()}, repeats, sizes["warmup"], dev)
+    add(f"{layer}: eval forward, unfused", times, "doconv", "<= 1.02")
+
+    # Tensor bytes are exact; the pickled file adds a few bytes per key name on top.
+    native_bytes, doconv_bytes = _tensor_bytes(native), _tensor_bytes(doconv)
+    d_bytes = sum(m.D.numel() * m.D.element_size() for m in doconv.modules() if getattr(m, "D", None) is not None)
+    file_ratio = _state_bytes(doconv) / _state_bytes(native)
+    rows.append(
+        {
+            "measurement": f"state_dict tensor bytes (DO-Conv - native - D = {doconv_bytes - native_bytes - d_bytes} B;"
+            f" saved file {file_ratio:.3f}x)",
+            "ratio": doconv_bytes / native_bytes,
+            "control": 1.0,
+            "native_ms": None,
+            "doconv_ms": None,
+            "goal": f"{(native_bytes + d_bytes) / native_bytes:.3f} (= native + D)",
+        }
+    )
+    if memory:
+        native_peak = _peak_memory("native", quick, device)
+        doconv_peak = _peak_memory("doconv", quick, device)
+        rows.append(
+            {
+                "measurement": f"{net}: peak training memory",
+                "ratio": doconv_peak / max(native_peak, 1),
+                "control": 1.0,
+                "native_ms": None,
+                "doconv_ms": None,
+                "goal": "<= 1.10",
+            }
+        )
+    return rows
+
+
+def _named(native: nn.Module, control: nn.Module, doconv: nn.Module) -> dict[str, nn.Module]:
+    return {"native": native, "control": control, "doconv": doconv}
+
+
+def format_table(rows: list[dict]) -> str:
+    """Render rows as a Markdown table."""
+    lines = [
+        "| measurement | DO-Conv / native | control (native / native) | native ms | DO-Conv ms | goal |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        ms = ["-" if row[k] is None else f"{row[k]:.1f}" for k in ("native_ms", "doconv_ms")]
+        lines.append(
+            f"| {row['measurement']} | {row['ratio']:.3f} | {row['control']:.3f} | {ms[0]} | {ms[1]} | {row['goal']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the ratio table. Returns 0.
+
+    Args:
+        argv: command-line arguments (``--quick``, ``--device``, ``--threads``, ``--repeats``,
+            ``--no-memory``, ``--json PATH``). Default None (sys.argv).
+    """
+    parser = argparse.ArgumentParser(prog="bench_torch", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, few repeats (a smoke run)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads on CPU (default 2)")
+    parser.add_argument("--repeats", type=int, default=None, help="repeats per measurement")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("bench_torch: --device cuda asked for, but CUDA is not available", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    rows = run(quick=args.quick, device=args.device, repeats=args.repeats, memory=not args.no_memory)
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
+    print(f"doconv.torch vs nn.Conv2d — torch {torch.__version__}, {where}; median of per-repeat ratios")
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
