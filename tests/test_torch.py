@@ -543,3 +543,18 @@ def test_ddp_replicas_stay_identical_and_match_one_process(tmp_path):
         assert torch.equal(states[0][key], states[1][key]), key
         torch.testing.assert_close(states[0][key], value, rtol=1e-10, atol=1e-12)
     assert float(net[0].D.abs().max()) > 0  # D really trained
+
+
+def test_benchmark_program_prints_its_ratio_table(capsys):
+    from doconv.benchmarks import bench_torch
+
+    threads = torch.get_num_threads()
+    try:
+        assert bench_torch.main(["--quick", "--no-memory", "--repeats", "1", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    for row in ("train step", "eval forward, unfused", "eval forward, fused", "state_dict tensor bytes"):
+        assert row in out
+    # the state_dict holds exactly the native tensors plus D
+    assert "(DO-Conv - native - D = 0 B;" in out
