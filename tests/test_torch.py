@@ -423,15 +423,26 @@ def test_onnx_export_of_the_fused_model(tmp_path):
     np.testing.assert_allclose(got, net(x).detach().numpy(), rtol=1e-4, atol=1e-5)
 
 
-def test_autocast_bfloat16_and_channels_last():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_mixed_precision(dtype):
     net = small_net().train()
     x = torch.randn(2, 3, 8, 8)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         y = net(x)
-    assert y.dtype == torch.bfloat16
+    assert y.dtype == dtype
     y.float().sum().backward()
-    assert net[0].D.grad is not None
-    net.eval()
+    assert float(net[0].D.grad.abs().sum()) > 0 and net[0].D.grad.dtype == torch.float32
+
+
+def test_half_precision_parameters_take_the_torch_fold():
+    layer = DOConv2d(3, 4, 3, padding=1).to(torch.bfloat16)
+    y = layer(torch.randn(2, 3, 6, 6, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and layer.fuse().weight.dtype == torch.bfloat16
+
+
+def test_channels_last():
+    net = small_net()
+    x = torch.randn(2, 3, 8, 8)
     x_last = x.to(memory_format=torch.channels_last)
     torch.testing.assert_close(net.to(memory_format=torch.channels_last)(x_last), net(x), rtol=1e-5, atol=1e-5)
 
