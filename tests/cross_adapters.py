@@ -69,6 +69,12 @@ class KerasAdapter:
 
         self.keras, self.adapter = keras, adapter
         self.version = f"keras {keras.__version__} ({keras.backend.backend()})"
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            # TensorFlow's CPU convolution has no NCHW kernel: keras.layers.Conv2D itself fails there.
+            if not tf.config.list_physical_devices("GPU"):
+                self.layouts = ("channels_last",)
 
     def build(self, case, layout):
         layer = self.adapter.DOConv2D(
