@@ -253,12 +253,12 @@ class DOConv2D(gluon.HybridBlock):
         else:
             w_id = F.slice_axis(W, axis=2, begin=0, end=K * tiles)
             w_id = F.sum(F.reshape(w_id, shape=(0, 0, -4, tiles, K)), axis=2)
-        # W·D as a batched matmul over the C_in input channels: batch i(o, c) = group·(C_in/g) + c
-        # pairs W[o, c] of group `group` with D[i(o, c)] (DESIGN.md, section 1).
-        Wt = F.transpose(F.reshape(W, shape=(-4, g, -1, -2)), axes=(0, 2, 1, 3))  # (g, C_in/g, C_out/g, D_mul)
-        Wt = F.reshape(Wt, shape=(-3, -2))  # (C_in, C_out/g, D_mul)
-        w_d = F.batch_dot(Wt, D, transpose_b=True)  # (C_in, C_out/g, K)
-        w_d = F.transpose(F.reshape(w_d, shape=(-4, g, -1, -2)), axes=(0, 2, 1, 3))  # (g, C_out/g, C_in/g, K)
+        # W·D as one batched matmul: rows o' of group gi's W[o, c] meet D of channel
+        # i(o, c) = gi·(C_in/g) + c (DESIGN.md, section 1); (gi, c) are the batch axes.
+        # gemm2's axis=-3 reads the matrices across axes 1 and 3, so W needs no transpose.
+        Wg = F.reshape(W, shape=(-4, g, -1, -2))  # (g, C_out/g, C_in/g, D_mul)
+        Dg = F.transpose(F.reshape(D, shape=(-4, g, -1, -2)), axes=(0, 2, 1, 3))  # (g, K, C_in/g, D_mul)
+        w_d = F.linalg.gemm2(Wg, Dg, transpose_b=True, axis=-3)  # (g, C_out/g, C_in/g, K)
         w_d = F.reshape(w_d, shape=(-3, -2))  # (C_out, C_in/g, K)
         return F.reshape(w_d + w_id, shape=(0, 0, M, N))
 
@@ -298,7 +298,13 @@ class DOConv2D(gluon.HybridBlock):
         """
         if F is symbol and 0 in self.W.shape:
             W, D = self._bind_shapes_to_input(F, x, W, D)
-        kernel = self._kernel(F, W, D)
+        if np.dtype(self.W.dtype) == np.float16:
+            # Fold in float32 (MXNet's CPU products have no float16, and it is more accurate), convolve in float16.
+            kernel = F.cast(
+                self._kernel(F, F.cast(W, "float32"), None if D is None else F.cast(D, "float32")), "float16"
+            )
+        else:
+            kernel = self._kernel(F, W, D)
         channels_last = self._data_format == core.CHANNELS_LAST
         if channels_last:
             x = F.transpose(x, axes=(0, 3, 1, 2))
@@ -585,6 +591,16 @@ def _walk(block, path: str = ""):
         yield from _walk(child, f"{path}.{key}" if path else str(key))
 
 
+def _targets(block, is_target, path: str = ""):
+    """Yield (parent, key, child, path) for the blocks ``is_target`` accepts, in depth-first order."""
+    for key, child in block._children.items():
+        child_path = f"{path}.{key}" if path else str(key)
+        if is_target(child):
+            yield block, key, child, child_path
+        else:
+            yield from _targets(child, is_target, child_path)
+
+
 def _copy_block(net):
     """A deep copy of a Block tree, also of a hybridized one that has run.
 
@@ -625,12 +641,10 @@ def _replace(net, is_target, make, what: str, inplace: bool):
         new = make("", target)
         return target if new is None else new
     plan = []
-    for path, parent in _walk(target):
-        for key, child in parent._children.items():
-            if is_target(child):
-                new = make(f"{path}.{key}" if path else str(key), child)
-                if new is not None:
-                    plan.append((parent, key, child, new))
+    for parent, key, child, path in _targets(target, is_target):
+        new = make(path, child)
+        if new is not None:
+            plan.append((parent, key, child, new))
     if not plan:
         warnings.warn(f"{what} found nothing to replace in {type(net).__name__}", UserWarning, stacklevel=3)
         return target
