@@ -1,12 +1,12 @@
 """Conversions between the canonical (PyTorch) layout and every other one.
 
-============  ======================  ==================  ===========================
-framework     W                       D                   folded kernel
-============  ======================  ==================  ===========================
-canonical     (C_out, C_in/g, D_mul)  (C_in, K, D_mul)    (C_out, C_in/g, *kernel)
-Keras         (D_mul, C_in/g, C_out)  (K, D_mul, C_in)    (*kernel, C_in/g, C_out)
-Gluon         canonical               canonical           OIHW (NCHW) / OHWI (NHWC)
-============  ======================  ==================  ===========================
+============  ==========================  ======================  ===============================
+framework     W                           D                       folded kernel
+============  ==========================  ======================  ===============================
+canonical     ``(C_out, C_in/g, D_mul)``  ``(C_in, K, D_mul)``    ``(C_out, C_in/g, *kernel)``
+Keras         ``(D_mul, C_in/g, C_out)``  ``(K, D_mul, C_in)``    ``(*kernel, C_in/g, C_out)``
+Gluon         canonical                   canonical               OIHW (NCHW) / OHWI (NHWC)
+============  ==========================  ======================  ===============================
 
 Also here: reading checkpoints of the original DO-Conv PyTorch code, whose
 channel map for grouped layers differs from the definition (DESIGN, maths page).
@@ -68,7 +68,7 @@ def D_from_keras(D: np.ndarray) -> np.ndarray:
 
 
 def kernel_to_keras(kernel: np.ndarray) -> np.ndarray:
-    """Canonical kernel (C_out, C_in/g, *kernel_size) -> Keras (*kernel_size, C_in/g, C_out).
+    """Canonical kernel ``(C_out, C_in/g, *kernel_size)`` -> Keras ``(*kernel_size, C_in/g, C_out)``.
 
     Example:
         >>> kernel_to_keras(np.zeros((8, 2, 5, 3))).shape
@@ -82,7 +82,7 @@ def kernel_to_keras(kernel: np.ndarray) -> np.ndarray:
 
 
 def kernel_from_keras(kernel: np.ndarray) -> np.ndarray:
-    """Keras kernel (*kernel_size, C_in/g, C_out) -> canonical (C_out, C_in/g, *kernel_size).
+    """Keras kernel ``(*kernel_size, C_in/g, C_out)`` -> canonical ``(C_out, C_in/g, *kernel_size)``.
 
     Example:
         >>> kernel_from_keras(np.zeros((5, 3, 2, 8))).shape

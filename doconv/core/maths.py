@@ -2,7 +2,7 @@
 
 Notation (shared with ``docs/maths.rst``): C_in / C_out channels, g groups, a
 kernel of K taps, depth multiplier D_mul. Canonical layouts:
-W (C_out, C_in/g, D_mul), D (C_in, K, D_mul), folded kernel (C_out, C_in/g, *kernel_size).
+W ``(C_out, C_in/g, D_mul)``, D ``(C_in, K, D_mul)``, folded kernel ``(C_out, C_in/g, *kernel_size)``.
 """
 
 from __future__ import annotations
