@@ -56,6 +56,11 @@ _CONV_ARGS = (
 _LAYER_ARGS = ("name", "trainable", "dtype")
 
 
+def _numpy(x) -> np.ndarray:
+    # Through a tensor: np.array() of a TF variable warns about the `copy` keyword under NumPy 2.
+    return np.array(ops.convert_to_numpy(ops.convert_to_tensor(x)))
+
+
 @keras.saving.register_keras_serializable(package="doconv")
 class DOConv2D(keras.layers.Layer):
     """Depthwise over-parameterized 2-D convolution, a drop-in for ``keras.layers.Conv2D``.
@@ -133,9 +138,10 @@ class DOConv2D(keras.layers.Layer):
         self.kernel_size = core.normalize_tuple(kernel_size, 2, "kernel_size")
         self.strides = core.normalize_tuple(strides, 2, "strides")
         self.dilation_rate = core.normalize_tuple(dilation_rate, 2, "dilation_rate")
-        self.padding = core.normalize_padding(padding, 2)
-        if not isinstance(self.padding, str):
+        # Keras convolutions take only the two strings; core accepts explicit pads too.
+        if not isinstance(padding, str) or padding.lower() not in ("same", "valid"):
             raise ValueError(f"padding must be 'same' or 'valid', as for Conv2D. Received: padding={padding!r}")
+        self.padding = core.normalize_padding(padding, 2)
         if data_format is None:
             data_format = keras.config.image_data_format()
         self.data_format = core.normalize_data_format(data_format)
@@ -301,12 +307,12 @@ class DOConv2D(keras.layers.Layer):
             ValueError: the layer is not built.
 
         Example:
-            >>> import numpy as np
+            >>> import numpy as np, keras
             >>> layer = DOConv2D(4, 3)
             >>> x = np.random.rand(1, 6, 6, 2).astype("float32")
-            >>> y = layer(x)
+            >>> y = keras.ops.convert_to_numpy(layer(x))
             >>> conv = layer.fuse()
-            >>> type(conv).__name__, bool(np.allclose(conv(x), y, atol=1e-5))
+            >>> type(conv).__name__, bool(np.allclose(keras.ops.convert_to_numpy(conv(x)), y, atol=1e-5))
             ('Conv2D', True)
         """
         if not self.built:
@@ -314,9 +320,9 @@ class DOConv2D(keras.layers.Layer):
         config = self.get_config()
         conv = keras.layers.Conv2D.from_config({k: config[k] for k in _LAYER_ARGS + _CONV_ARGS})
         conv.build(self._input_shape_for_build(self.in_channels))
-        weights = [ops.convert_to_numpy(self._fold())]
+        weights = [_numpy(self._fold())]
         if self.use_bias:
-            weights.append(ops.convert_to_numpy(self.bias))
+            weights.append(_numpy(self.bias))
         conv.set_weights(weights)
         return conv
 
@@ -343,9 +349,9 @@ class DOConv2D(keras.layers.Layer):
             >>> import numpy as np, keras
             >>> conv = keras.layers.Conv2D(4, 3)
             >>> x = np.random.rand(1, 6, 6, 2).astype("float32")
-            >>> y = conv(x)
+            >>> y = keras.ops.convert_to_numpy(conv(x))
             >>> layer = DOConv2D.from_conv(conv, D_mul=12)
-            >>> bool(np.allclose(layer(x), y, atol=1e-5))
+            >>> bool(np.allclose(keras.ops.convert_to_numpy(layer(x)), y, atol=1e-5))
             True
         """
         if not isinstance(conv, keras.layers.Conv2D):
@@ -355,13 +361,20 @@ class DOConv2D(keras.layers.Layer):
         config = conv.get_config()
         if config.get("lora_rank"):
             raise ValueError(f"A LoRA-enabled Conv2D cannot be converted. Received: lora_rank={config['lora_rank']}")
-        layer = cls.from_config({**{k: config[k] for k in _LAYER_ARGS + _CONV_ARGS if k in config}, "D_mul": D_mul})
-        kernel = core.kernel_from_keras(ops.convert_to_numpy(conv.kernel))
+        # Called directly, not through from_config, which would turn a ValueError (D_mul < K) into a TypeError.
+        layer = cls(
+            **{k: config[k] for k in _CONV_ARGS},
+            D_mul=D_mul,
+            name=conv.name,
+            trainable=conv.trainable,
+            dtype=conv.dtype_policy,
+        )
+        kernel = core.kernel_from_keras(_numpy(conv.kernel))
         layer.build(layer._input_shape_for_build(kernel.shape[1] * layer.groups))
-        W = core.embed_kernel(kernel, core.W_from_keras(ops.convert_to_numpy(layer.W)))
+        W = core.embed_kernel(kernel, core.W_from_keras(_numpy(layer.W)))
         layer.W.assign(core.W_to_keras(W).astype(layer.W.dtype))
         if layer.use_bias:
-            layer.bias.assign(ops.convert_to_numpy(conv.bias))
+            layer.bias.assign(_numpy(conv.bias))
         return layer
 
 
@@ -399,9 +412,9 @@ def get_params(layer: DOConv2D) -> dict:
     """
     _check_built(layer)
     return {
-        "W": core.W_from_keras(ops.convert_to_numpy(layer.W)),
-        "D": None if layer.D is None else core.D_from_keras(ops.convert_to_numpy(layer.D)),
-        "bias": None if layer.bias is None else np.array(ops.convert_to_numpy(layer.bias)),
+        "W": core.W_from_keras(_numpy(layer.W)),
+        "D": None if layer.D is None else core.D_from_keras(_numpy(layer.D)),
+        "bias": None if layer.bias is None else _numpy(layer.bias),
     }
 
 
@@ -421,11 +434,11 @@ def set_params(layer: DOConv2D, params: dict) -> DOConv2D:
             the layer (the message names the entry and both shapes).
 
     Example:
-        >>> import numpy as np
+        >>> import numpy as np, keras
         >>> layer = DOConv2D(2, 1, use_bias=False)
         >>> _ = layer(np.zeros((1, 3, 3, 2), "float32"))
         >>> _ = set_params(layer, {"W": np.ones((2, 2, 1), "float32")})
-        >>> float(np.asarray(layer(np.ones((1, 3, 3, 2), "float32")))[0, 0, 0, 0])
+        >>> float(keras.ops.convert_to_numpy(layer(np.ones((1, 3, 3, 2), "float32")))[0, 0, 0, 0])
         2.0
     """
     _check_built(layer)
@@ -458,7 +471,7 @@ def _copy_layer(layer):
         if build_config:
             new.build_from_config(build_config)
         if new.built and layer.weights:
-            new.set_weights(layer.get_weights())
+            new.set_weights([_numpy(w) for w in layer.weights])
     return new
 
 
