@@ -21,7 +21,14 @@ GLUON = [
     "opencv-python==4.8.1.78",
     "gluoncv==0.10.5.post0",
 ]
-DEMO = TORCH + ["scikit-learn>=1.2", "matplotlib>=3.5", "tqdm>=4.60", "onnx>=1.15", "onnxscript>=0.1"]
+DEMO = TORCH + [
+    "scikit-learn>=1.2",
+    "matplotlib>=3.5",
+    "tqdm>=4.60",
+    "onnx>=1.15",
+    "onnxscript>=0.1",
+    "onnxruntime>=1.16",
+]
 
 setup(
     name="doconv",

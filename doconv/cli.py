@@ -1,0 +1,599 @@
+"""The ``doconv`` command line: ``demo``, ``fuse``, ``bench`` and ``info``.
+
+Every bad input (an unknown or missing framework, a non-positive number, an
+unwritable folder, a file that is not a PyTorch checkpoint) ends with one line
+``doconv <command>: error: ...`` on stderr and exit status 2, never a traceback,
+and leaves no half-written file behind.
+
+Frameworks are imported only by the command that needs them; ``info`` and
+``bench`` import each one in a child process of its own, because importing
+MXNet after TensorFlow in one process crashes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections import OrderedDict
+from typing import Optional, Sequence
+
+from . import __version__, core
+
+__all__ = ["main", "fuse_state_dict"]
+
+PROG = "doconv"
+
+
+class UsageError(Exception):
+    """Bad input: printed as ``doconv <command>: error: <message>``, exit status 2."""
+
+    def __init__(self, message: str, prog: str = PROG):
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line (no usage block) and does not exit the interpreter.
+
+    ``main`` catches the UsageError and returns 2, so ``main`` can be called from
+    Python (tests, notebooks) without a SystemExit for bad input.
+    """
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see '{self.prog} --help')", self.prog)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _build_parser() -> _Parser:
+    from .demo import FRAMEWORKS, Settings
+
+    defaults = Settings()
+    parser = _Parser(
+        prog=PROG,
+        description="DO-Conv (depthwise over-parameterized convolution) for PyTorch, Keras and MXNet Gluon.",
+    )
+    parser.add_argument("--version", action="version", version=f"doconv {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    demo = sub.add_parser(
+        "demo",
+        help="train plain and DO-Conv CNNs on the digits data set, compare, fold, save",
+        description="Train the same small CNN with plain convolutions and with DO-Conv on scikit-learn's "
+        "8x8 digits (same initial kernels, same batches), for several seeds; print accuracy, parameter "
+        "counts, time per epoch and the folded network's largest difference; save the curves, the folded "
+        "network and the results.",
+    )
+    demo.add_argument("--framework", default=defaults.framework, help=f"one of {', '.join(FRAMEWORKS)} (default torch)")
+    demo.add_argument(
+        "--seeds", type=_positive_int, default=defaults.seeds, help=f"number of seeds (default {defaults.seeds})"
+    )
+    demo.add_argument(
+        "--epochs", type=_positive_int, default=defaults.epochs, help=f"epochs per run (default {defaults.epochs})"
+    )
+    demo.add_argument(
+        "--D-mul",
+        dest="D_mul",
+        type=_positive_int,
+        default=None,
+        metavar="M",
+        help="depth multiplier of every DO-Conv layer; layers with more kernel taps K use K (default: K)",
+    )
+    demo.add_argument("--out", default=defaults.out, metavar="DIR", help=f"output folder (default ./{defaults.out})")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    fuse = sub.add_parser(
+        "fuse",
+        help="fold a PyTorch checkpoint of a DO-Conv model into the plain-convolution layout",
+        description="Fold the DO-Conv layers of a PyTorch state_dict (keys <layer>.W, <layer>.D, <layer>.bias, "
+        "also the original DO-Conv code's <layer>.D_diag) into plain convolution weights (<layer>.weight, "
+        "<layer>.bias). The checkpoint is read with torch.load(weights_only=True): files holding pickled "
+        "code are refused.",
+    )
+    fuse.add_argument("checkpoint", metavar="CHECKPOINT", help="a state_dict saved with torch.save")
+    fuse.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the folded state_dict")
+    fuse.add_argument(
+        "--kernel-size",
+        action="append",
+        default=[],
+        metavar="[LAYER=]SIZE",
+        help="kernel size such as 1x3, 3x3x3 or 5, for one layer (LAYER=SIZE, LAYER as in the keys) or for "
+        "all layers (SIZE). Needed when a layer's tap count is not a square, and for 1-D/3-D layers. Repeatable.",
+    )
+    fuse.add_argument("--force", action="store_true", help="replace OUT if it exists (never the checkpoint itself)")
+
+    bench = sub.add_parser(
+        "bench",
+        help="run the benchmarks of the installed frameworks",
+        description="Run doconv.benchmarks.bench_<framework> for each installed framework, each in its own process.",
+    )
+    bench.add_argument(
+        "--framework",
+        action="append",
+        metavar="NAME",
+        help=f"only this framework ({', '.join(FRAMEWORKS)}); repeatable (default: every installed one)",
+    )
+    bench.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
+
+    sub.add_parser(
+        "info",
+        help="doconv's version and which frameworks import",
+        description="doconv's version, "
+        "and which frameworks import, with their versions (each probed in a child process).",
+    )
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the ``doconv`` command line.
+
+    Args:
+        argv: the arguments without the program name. Default None (``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 on success, 2 for bad input, otherwise the failing benchmark's status.
+
+    Example:
+        >>> main(["demo", "--seeds", "0"])  # doctest: +SKIP
+        2
+    """
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        return _COMMANDS[args.command](args)
+    except UsageError as err:
+        # One line, whatever a wrapped library message looked like.
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"{err.prog}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+# -- demo ----------------------------------------------------------------------------------------
+
+
+def _cmd_demo(args) -> int:
+    from .demo import DemoError, Settings, run
+
+    settings = Settings(
+        framework=args.framework,
+        seeds=args.seeds,
+        epochs=args.epochs,
+        D_mul=args.D_mul,
+        out=args.out,
+        progress=not args.no_progress,
+    )
+    try:
+        run(settings)
+    except DemoError as err:
+        raise UsageError(str(err), f"{PROG} demo") from None
+    return 0
+
+
+# -- fuse ----------------------------------------------------------------------------------------
+
+_KERNEL_SIZE = re.compile(r"^\d+(x\d+)*$")
+
+
+def _parse_kernel_sizes(specs: Sequence[str]) -> tuple[dict, Optional[tuple]]:
+    """``["conv1=1x3", "3x3x3"]`` -> ``({"conv1": (1, 3)}, (3, 3, 3))``."""
+    per_layer, default = {}, None
+    for spec in specs:
+        layer, _, size = spec.rpartition("=")
+        if not _KERNEL_SIZE.match(size) or "0" in size.split("x"):
+            raise UsageError(
+                f"--kernel-size wants [LAYER=]SIZE with SIZE like 3x3, 1x3 or 5, got {spec!r}", f"{PROG} fuse"
+            )
+        dims = tuple(int(d) for d in size.split("x"))
+        if any(d < 1 for d in dims):
+            raise UsageError(f"--kernel-size sizes must be positive, got {spec!r}", f"{PROG} fuse")
+        if layer:
+            per_layer[layer] = dims
+        else:
+            default = dims
+    return per_layer, default
+
+
+def _kernel_size(layer: str, K: int, per_layer: dict, default: Optional[tuple]) -> tuple:
+    """The layer's kernel size: given, else a square 2-D kernel when K is a square number."""
+    size = per_layer.get(layer, default)
+    if size is None:
+        root = math.isqrt(K)
+        if root * root != K:
+            raise ValueError(
+                f"layer {layer!r} has K={K} kernel taps, not a square: give its kernel size, "
+                f"e.g. --kernel-size {layer}=1x{K}"
+            )
+        return (root, root)
+    if core.kernel_volume(size) != K:
+        raise ValueError(
+            f"--kernel-size for layer {layer!r} is {'x'.join(map(str, size))}, but the layer has K={K} taps"
+        )
+    return size
+
+
+def fuse_state_dict(state_dict: dict, kernel_sizes: Optional[dict] = None, default_kernel_size=None):
+    """Fold every DO-Conv layer of a PyTorch state_dict into plain convolution weights.
+
+    A layer is recognised by a 3-D ``<layer>.W`` entry. doconv's layers fold with
+    :func:`doconv.core.fold`; layers of the original DO-Conv code (which also
+    store ``D_diag`` or ``d_diag``) fold with :func:`doconv.core.fold_reference_pytorch`,
+    which follows that code's own channel map, so the result computes exactly
+    what the original layer computed, for every ``groups``. ``groups`` is
+    ``D.shape[0] / W.shape[1]``; 1x1 layers (no D) only change shape. Other
+    entries (BatchNorm, Linear, ...) are kept as they are, in the same order.
+
+    Args:
+        state_dict: a mapping of names to tensors, as ``model.state_dict()`` returns it.
+        kernel_sizes: ``{layer: kernel_size}`` for layers whose K is not a square number
+            or which are not 2-D. Default None.
+        default_kernel_size: kernel size for every layer not in ``kernel_sizes``. Default
+            None: a square 2-D kernel inferred from K (1x1 for layers without D).
+
+    Returns:
+        ``(folded_state_dict, layers)`` where ``layers`` lists ``(layer, kernel_size, source)``
+        with source ``"doconv"`` or ``"original code"``.
+
+    Raises:
+        ValueError: a layer whose shapes do not fit together, or whose kernel size cannot be inferred.
+
+    Example:
+        >>> import torch
+        >>> from doconv.torch import DOConv2d
+        >>> sd, layers = fuse_state_dict(torch.nn.Sequential(DOConv2d(3, 8, 3)).state_dict())
+        >>> sorted(sd), layers
+        (['0.bias', '0.weight'], [('0', (3, 3), 'doconv')])
+    """
+    import numpy as np
+    import torch
+
+    kernel_sizes = dict(kernel_sizes or {})
+    layers = []
+    prefixes = [key[:-1] for key, value in state_dict.items() if (key == "W" or key.endswith(".W")) and _is_3d(value)]
+    consumed = set()
+    replacement: dict = {}
+    for prefix in prefixes:
+        layer = prefix[:-1] if prefix.endswith(".") else prefix
+        name = layer or "(top level)"
+        W = state_dict[prefix + "W"]
+        D = state_dict.get(prefix + "D")
+        diag_key = next((prefix + k for k in ("D_diag", "d_diag") if prefix + k in state_dict), None)
+        D_diag = state_dict.get(diag_key) if diag_key else None
+        for key in (prefix + "W", prefix + "D", diag_key):
+            if key is not None and key in state_dict:
+                consumed.add(key)
+        W64 = W.detach().cpu().to(torch.float64).numpy()
+        if D is None:
+            if W.shape[2] != 1:
+                raise ValueError(
+                    f"layer {name!r} has W of shape {tuple(W.shape)} but no D: only 1x1 DO-Conv layers "
+                    "(W's last dimension 1) come without D"
+                )
+            size = kernel_sizes.get(layer, default_kernel_size) or (1, 1)
+            if core.kernel_volume(size) != 1:
+                raise ValueError(f"layer {name!r} has no D, so it is a 1-tap layer; --kernel-size says {size}")
+            kernel = W64.reshape(tuple(W.shape[:2]) + tuple(size))
+            source = "doconv" if diag_key is None else "original code"
+        else:
+            if D.ndim != 3 or D.shape[2] != W.shape[2] or D.shape[0] % W.shape[1]:
+                raise ValueError(
+                    f"layer {name!r}: D must have shape (C_in, K, D_mul) with C_in a multiple of W's C_in/groups "
+                    f"and W's D_mul. Received: W.shape={tuple(W.shape)}, D.shape={tuple(D.shape)}"
+                )
+            groups = D.shape[0] // W.shape[1]
+            size = _kernel_size(name if layer else "", D.shape[1], kernel_sizes, default_kernel_size)
+            D64 = D.detach().cpu().to(torch.float64).numpy()
+            try:
+                if diag_key is None:
+                    kernel = core.fold(W64, D64, groups, size)
+                    source = "doconv"
+                else:
+                    diag64 = D_diag.detach().cpu().to(torch.float64).numpy()
+                    kernel = core.fold_reference_pytorch(W64, D64, diag64, groups, size)
+                    source = "original code"
+            except ValueError as err:
+                raise ValueError(f"layer {name!r}: {err}") from None
+        # Fold in float64, store in the checkpoint's own dtype.
+        replacement[prefix + "W"] = (prefix + "weight", torch.from_numpy(np.ascontiguousarray(kernel)).to(W.dtype))
+        layers.append((layer, tuple(size), source))
+    folded = OrderedDict()
+    for key, value in state_dict.items():
+        if key in replacement:
+            new_key, new_value = replacement[key]
+            folded[new_key] = new_value
+        elif key not in consumed:
+            folded[key] = value
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        # load_state_dict reads per-module versions (e.g. BatchNorm's) from here.
+        folded._metadata = metadata
+    return folded, layers
+
+
+def _is_3d(value) -> bool:
+    return getattr(value, "ndim", None) == 3
+
+
+def _load_checkpoint(path: str):
+    """``torch.load(path, weights_only=True)`` with one-line errors for the ways it fails."""
+    import pickle
+
+    import torch
+
+    if not os.path.isfile(path):
+        raise UsageError(f"checkpoint {path} does not exist or is not a file", f"{PROG} fuse")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                is_torch = any(n.endswith("/data.pkl") for n in zf.namelist())
+        else:
+            # torch.save's pre-1.6 format starts with a pickled magic number (protocol 2, a long).
+            is_torch = head == b"\x80\x02\x8a\n"
+    except OSError as err:
+        raise UsageError(f"cannot read checkpoint {path}: {err.strerror or err}", f"{PROG} fuse") from None
+    if not is_torch:
+        raise UsageError(f"{path} is not a PyTorch checkpoint (a file written by torch.save)", f"{PROG} fuse")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        what = f" (found {found.group(1)})" if found else ""
+        raise UsageError(
+            f"{path} holds pickled Python objects{what}, e.g. a whole model saved with torch.save(model); "
+            "doconv fuse loads weights only (weights_only=True) and never runs pickled code: "
+            "save model.state_dict() instead",
+            f"{PROG} fuse",
+        ) from None
+    except Exception as err:  # noqa: BLE001 - a damaged archive raises anything from RuntimeError to KeyError
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        raise UsageError(
+            f"{path} is not a readable PyTorch checkpoint: {type(err).__name__}: {first_line}",
+            f"{PROG} fuse",
+        ) from None
+
+
+def _find_state_dict(obj, path: str):
+    """The state_dict itself, or the one a training checkpoint keeps under a usual key."""
+    import torch
+
+    def is_state_dict(value):
+        return (
+            isinstance(value, dict)
+            and bool(value)
+            and all(isinstance(k, str) and (torch.is_tensor(v) or v is None) for k, v in value.items())
+        )
+
+    if is_state_dict(obj):
+        return obj, None
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model", "net", "module"):
+            if is_state_dict(obj.get(key)):
+                return obj[key], key
+    raise UsageError(
+        f"{path} is a PyTorch file but not a state_dict (a dict of names to tensors), nor a checkpoint holding one "
+        "under 'state_dict' or 'model'",
+        f"{PROG} fuse",
+    )
+
+
+def _cmd_fuse(args) -> int:
+    prog = f"{PROG} fuse"
+    try:
+        import torch
+    except ImportError:
+        raise UsageError("needs PyTorch: pip install 'doconv[torch]'", prog) from None
+    src, dst = os.path.abspath(args.checkpoint), os.path.abspath(args.output)
+    if os.path.realpath(src) == os.path.realpath(dst) or (
+        os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst)
+    ):
+        raise UsageError(f"the output must not be the checkpoint itself ({args.checkpoint}); choose another -o", prog)
+    if os.path.isdir(dst):
+        raise UsageError(f"output {args.output} is a folder; give a file name", prog)
+    if os.path.exists(dst) and not args.force:
+        raise UsageError(f"output {args.output} exists; use --force to replace it", prog)
+    folder = os.path.dirname(dst)
+    if not os.path.isdir(folder):
+        raise UsageError(f"output folder {folder} does not exist", prog)
+    per_layer, default = _parse_kernel_sizes(args.kernel_size)
+    obj = _load_checkpoint(args.checkpoint)
+    state_dict, wrapper_key = _find_state_dict(obj, args.checkpoint)
+    try:
+        folded, layers = fuse_state_dict(state_dict, per_layer, default)
+    except ValueError as err:
+        raise UsageError(str(err), prog) from None
+    if not layers:
+        raise UsageError(
+            f"{args.checkpoint} has no DO-Conv layer (no '<layer>.W' entries of 3 dimensions): nothing to fold", prog
+        )
+    unknown = sorted(set(per_layer) - {layer for layer, _, _ in layers})
+    if unknown:
+        raise UsageError(
+            f"--kernel-size names layers that are not DO-Conv layers of the checkpoint: {', '.join(unknown)}", prog
+        )
+    # Write next to the destination, then rename: a failure never leaves a half-written OUT.
+    fd, tmp = tempfile.mkstemp(prefix=".doconv-fuse-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(folded, fh)
+        os.replace(tmp, dst)
+    except BaseException as err:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(err, OSError):
+            raise UsageError(f"cannot write {args.output}: {err.strerror or err}", prog) from None
+        raise
+    original = sum(1 for _, _, source in layers if source == "original code")
+    where = f" (the state_dict under '{wrapper_key}'; other entries are not copied)" if wrapper_key else ""
+    print(
+        f"Folded {len(layers)} DO-Conv layer(s){where}"
+        + (f", {original} of them from the original DO-Conv code (D_diag)" if original else "")
+        + f"; wrote {len(folded)} entries to {args.output}"
+    )
+    for layer, size, source in layers:
+        print(
+            f"  {layer or '(top level)'}: {'x'.join(map(str, size))}"
+            + (" [original code]" if source != "doconv" else "")
+        )
+    return 0
+
+
+# -- bench and info: one child process per framework ---------------------------------------------
+
+# (name shown, module to import, pip extra) - the order in which `info` lists them.
+_PROBES = [
+    ("torch", "torch", "torch"),
+    ("tensorflow", "tensorflow", "keras"),
+    ("keras", "keras", "keras"),
+    ("jax", "jax", "keras"),
+    ("mxnet", "mxnet", "gluon"),
+    ("gluoncv", "gluoncv", "gluon"),
+]
+_DEMO_PROBES = [
+    ("scikit-learn", "sklearn"),
+    ("matplotlib", "matplotlib"),
+    ("tqdm", "tqdm"),
+    ("onnx", "onnx"),
+    ("onnxruntime", "onnxruntime"),
+]
+_BENCH = [("torch", "torch"), ("keras", "keras"), ("gluon", "mxnet")]
+_BENCH_MODULE = "doconv.benchmarks.bench_{}"  # each has main(argv=None) -> int
+_BENCH_MISSING = 75  # the child's exit status when the benchmark module itself does not exist
+_BENCH_CODE = f"""
+import importlib, sys
+try:
+    bench = importlib.import_module(sys.argv[1])
+except ModuleNotFoundError as err:
+    if err.name != sys.argv[1]:
+        raise
+    sys.exit({_BENCH_MISSING})
+sys.exit(bench.main(sys.argv[2:]))
+"""
+
+_PROBE_CODE = """
+import importlib, sys
+m = importlib.import_module(sys.argv[1])
+version = getattr(m, "__version__", "unknown version")
+if sys.argv[1] == "keras":
+    version += " (backend " + m.backend.backend() + ")"
+print("DOCONV-PROBE " + version)
+"""
+
+
+def _child_env() -> dict:
+    """The environment for child processes, with this doconv importable even when not installed."""
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return env
+
+
+def _probe(module: str, timeout: float = 180.0) -> tuple[bool, str]:
+    """Import ``module`` in a child process: ``(imports, version or why not)``."""
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _PROBE_CODE, module],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=_child_env(),
+        )
+    except subprocess.TimeoutExpired:
+        return False, f"import took more than {timeout:.0f} s"
+    for line in proc.stdout.splitlines():
+        if line.startswith("DOCONV-PROBE "):
+            return True, line[len("DOCONV-PROBE ") :]
+    errors = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    if any(f"No module named '{module}'" in line for line in errors[-1:]):
+        return False, "not installed"
+    last = errors[-1] if errors else f"exit status {proc.returncode}"
+    return False, f"import fails: {last[:160]}"
+
+
+def _probe_all(modules: Sequence[str]) -> dict:
+    # Parallel: TensorFlow alone takes seconds to import.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        return dict(zip(modules, pool.map(_probe, modules)))
+
+
+def _cmd_info(args) -> int:
+    probes = _probe_all([m for _, m, _ in _PROBES] + [m for _, m in _DEMO_PROBES])
+    print(f"doconv {__version__} (Python {platform.python_version()}, {platform.system()} {platform.machine()})")
+    adapters = {"torch": "doconv.torch", "keras": "doconv.keras", "mxnet": "doconv.gluon"}
+    width = max(len(name) for name, _, _ in _PROBES + [(n, m, "") for n, m in _DEMO_PROBES])
+    print("\nframeworks:")
+    for name, module, extra in _PROBES:
+        ok, text = probes[module]
+        hint = "" if ok else f"  (pip install 'doconv[{extra}]')"
+        adapter = f"  -> {adapters[module]}" if ok and module in adapters else ""
+        print(f"  {name.ljust(width)}  {text}{adapter}{hint}")
+    print("\nfor the demo (pip install 'doconv[demo]'):")
+    for name, module in _DEMO_PROBES:
+        print(f"  {name.ljust(width)}  {probes[module][1]}")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from .demo import FRAMEWORKS
+
+    wanted = args.framework or [name for name, _ in _BENCH]
+    unknown = [name for name in wanted if name not in FRAMEWORKS]
+    if unknown:
+        raise UsageError(f"unknown framework {unknown[0]!r}: choose from {', '.join(FRAMEWORKS)}", f"{PROG} bench")
+    plan = [(name, module) for name, module in _BENCH if name in wanted]
+    probes = _probe_all([module for _, module in plan])
+    status, ran = 0, 0
+    for name, module in plan:
+        ok, text = probes[module]
+        bench_module = _BENCH_MODULE.format(name)
+        if not ok:
+            message = f"{name}: skipped, {module} {text}"
+            if args.framework:
+                raise UsageError(
+                    f"--framework {name} needs {module}, which is {text}: pip install 'doconv[{name}]'", f"{PROG} bench"
+                )
+            print(message, flush=True)
+            continue
+        print(f"== {name} ({module} {text}): {bench_module}{' --quick' if args.quick else ''}", flush=True)
+        # A child process per framework: no import-order crash, and one benchmark's threads and
+        # memory do not disturb the next one's timings.
+        proc = subprocess.run(
+            [sys.executable, "-c", _BENCH_CODE, bench_module, *(["--quick"] if args.quick else [])], env=_child_env()
+        )
+        if proc.returncode == _BENCH_MISSING:
+            print(f"{name}: skipped, {bench_module} is not part of this doconv", flush=True)
+            continue
+        ran += 1
+        if proc.returncode != 0:
+            print(f"{name}: benchmark failed with exit status {proc.returncode}", file=sys.stderr, flush=True)
+            status = status or proc.returncode
+    if ran == 0:
+        print("no benchmark ran: install a framework, e.g. pip install 'doconv[torch]'", file=sys.stderr)
+        return status or 1
+    return status
+
+
+_COMMANDS = {"demo": _cmd_demo, "fuse": _cmd_fuse, "bench": _cmd_bench, "info": _cmd_info}
