@@ -1,9 +1,11 @@
 """Packaging for doconv. NumPy is the only hard dependency; frameworks are extras."""
 
 import re
+import sys
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).parent
 VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "doconv" / "__init__.py").read_text(), re.M).group(1)
@@ -30,6 +32,24 @@ DEMO = TORCH + [
     "onnxruntime>=1.16",
 ]
 
+
+
+class OptionalBuildExt(build_ext):
+    """Build the C fold kernel where a compiler is available; doconv works without it (slower)."""
+
+    def run(self):
+        try:
+            super().run()
+        except Exception as err:  # no compiler, no Python headers: fall back to the NumPy path
+            print(f"doconv: the C fold kernel was not built ({err}); doconv.torch uses its NumPy path", file=sys.stderr)
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception as err:
+            print(f"doconv: the C fold kernel was not built ({err}); doconv.torch uses its NumPy path", file=sys.stderr)
+
+
 setup(
     name="doconv",
     version=VERSION,
@@ -38,6 +58,8 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     packages=find_packages(include=["doconv", "doconv.*"]),
+    ext_modules=[Extension("doconv._foldkernel", ["doconv/_foldkernel.c"], extra_compile_args=["-O3"], optional=True)],
+    cmdclass={"build_ext": OptionalBuildExt},
     python_requires=">=3.9",
     install_requires=["numpy>=1.21"],
     extras_require={

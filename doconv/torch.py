@@ -25,6 +25,8 @@ from . import core
 from ._optional import require
 
 torch = require("torch", "doconv.torch", "torch", "PyTorch")
+from torch.autograd.function import once_differentiable  # noqa: E402
+
 nn = torch.nn
 F = torch.nn.functional
 Tensor = torch.Tensor
@@ -69,28 +71,40 @@ def fold(W: Tensor, D: Optional[Tensor], identity: Optional[Tensor], groups: int
 # -- the CPU fast path ---------------------------------------------------------------------------
 #
 # The fold is a batch of tiny matrix products, one per input channel c: (C_out/g x D_mul) @ (D_mul x K).
-# torch's bmm is slow for that shape on CPU (PERF-NOTES: most of DO-Conv's overhead), while NumPy's
-# matmul takes the strided views as they are and writes straight into the (C_out, C_in/g, K) layout
-# that the convolution reads, with no transposed copy. Both halves of the batch run in threads
-# (NumPy releases the GIL). Used for float32/float64 CPU tensors in eager mode; scripting, tracing,
-# torch.compile, CUDA and half types take `fold` above.
+# Each of those matrices is strided across the whole of W, so batched-matmul routines (torch's bmm,
+# NumPy's matmul) pay transposed passes over memory, which is most of DO-Conv's overhead on CPU
+# (PERF-NOTES). doconv._foldkernel, a small C extension that setup.py builds where a compiler is
+# available, walks W, the kernel and their gradients in memory order instead, one pass each. Where it
+# is missing, NumPy's matmul on strided views does the same products. Either way the work is split
+# across torch's intra-op thread count (both release the GIL). Used for float32/float64 CPU tensors
+# in eager mode; scripting, tracing, torch.compile, CUDA and half types take `fold` above.
+
+try:
+    from . import _foldkernel
+except ImportError:  # built by setup.py where a compiler is available
+    _foldkernel = None
 
 _POOL: Optional[ThreadPoolExecutor] = None
 _PARALLEL_MIN_MACS = 1 << 20  # below this, thread hand-off costs more than it saves
 
 
-def _run_split(work: Callable[[slice], None], n: int, macs: int) -> None:
-    """Run ``work`` over ``n`` items, split in parts for torch's intra-op thread count."""
+def _run_parts(work: Callable[[int, int], None], macs: int) -> None:
+    """Call ``work(part, parts)`` for every part, in threads when the work is large enough."""
     global _POOL
-    parts = min(torch.get_num_threads(), n)
-    if parts < 2 or macs < _PARALLEL_MIN_MACS:
-        work(slice(0, n))
+    parts = torch.get_num_threads() if macs >= _PARALLEL_MIN_MACS else 1
+    if parts < 2:
+        work(0, 1)
         return
     if _POOL is None or _POOL._max_workers < parts:
         _POOL = ThreadPoolExecutor(max_workers=parts, thread_name_prefix="doconv-fold")
-    futures = [_POOL.submit(work, slice(p * n // parts, (p + 1) * n // parts)) for p in range(parts)]
+    futures = [_POOL.submit(work, part, parts) for part in range(parts)]
     for future in futures:
         future.result()
+
+
+def _share(n: int, part: int, parts: int) -> tuple[int, int]:
+    """The [start, stop) of ``part`` when n items are split in ``parts``."""
+    return part * n // parts, (part + 1) * n // parts
 
 
 def _grouped(array: np.ndarray, groups: int) -> np.ndarray:
@@ -98,58 +112,171 @@ def _grouped(array: np.ndarray, groups: int) -> np.ndarray:
     return array.reshape((groups, array.shape[0] // groups) + array.shape[1:])
 
 
+class _Workspace:
+    """A layer's folded-kernel and W-gradient buffers, reused from step to step.
+
+    A fresh kernel-sized buffer per step costs a page fault on each of its pages (milliseconds for
+    a large layer, PERF-NOTES). A buffer is overwritten only while nothing else refers to its
+    memory (no graph that saved it, no ``W.grad`` or user reference to it); otherwise a new one is
+    allocated, so reuse never changes what anybody holds.
+    """
+
+    __slots__ = ("key", "folded", "grad_W")
+
+    def __init__(self) -> None:
+        self.key: Optional[tuple] = None
+        self.folded: Optional[Tensor] = None
+        self.grad_W: Optional[Tensor] = None
+
+
+def _version_key(W: Tensor, D: Tensor) -> tuple:
+    """Changes whenever W or D is replaced or modified in place."""
+    return (id(W), W.data_ptr(), W._version, id(D), D.data_ptr(), D._version)
+
+
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def _lone_count() -> int:
+    """What the count reads for memory that one tensor alone refers to (the query holds some too).
+
+    The count comes from a private torch function; if it does not rise for a second reference
+    here, reuse is switched off rather than trusted.
+    """
+    global _storage_use_count
+    if _storage_use_count is None:
+        return 0
+    probe = torch.empty(1)
+    lone = _storage_use_count(probe.untyped_storage()._cdata)
+    view = probe.view(1)
+    if _storage_use_count(probe.untyped_storage()._cdata) <= lone:
+        _storage_use_count = None
+    del view
+    return lone
+
+
+_LONE = _lone_count()
+
+
+def _reusable(buffer: Optional[Tensor], shape: tuple, dtype) -> bool:
+    """True when ``buffer`` fits and nothing but the workspace refers to its memory."""
+    if buffer is None or _storage_use_count is None or buffer.shape != shape or buffer.dtype != dtype:
+        return False
+    return _storage_use_count(buffer.untyped_storage()._cdata) <= _LONE
+
+
 class _FoldCPU(torch.autograd.Function):
-    """Kernel composition with NumPy batched matmuls; forward and backward (see the note above)."""
+    """Kernel composition and its gradients on CPU (see the note above)."""
 
     @staticmethod
-    def forward(ctx, W: Tensor, D_hat: Tensor, groups: int) -> Tensor:
+    def forward(ctx, W: Tensor, D_hat: Tensor, groups: int, workspace: Optional[_Workspace], key) -> Tensor:
         C_out, C_in_g, D_mul = W.shape
         K = D_hat.shape[1]
-        folded = torch.empty((C_out, C_in_g, K), dtype=W.dtype)
-        # (g, c, o, s) @ (g, c, s, k) -> (g, c, o, k), written into folded's (o, c, k) layout
-        Wb = _grouped(W.detach().numpy(), groups).transpose(0, 2, 1, 3)
-        Db = _grouped(D_hat.detach().numpy(), groups).transpose(0, 1, 3, 2)
-        out = _grouped(folded.numpy(), groups).transpose(0, 2, 1, 3)
-
-        def work(part: slice) -> None:
-            np.matmul(Wb[:, part], Db[:, part], out=out[:, part])
-
-        _run_split(work, C_in_g, C_out * C_in_g * K * D_mul)
         ctx.save_for_backward(W, D_hat)
         ctx.groups = groups
-        return folded
+        ctx.workspace = workspace
+        shape = (C_out, C_in_g, K)
+        if workspace is not None and workspace.key == key and workspace.folded is not None:
+            return workspace.folded.view(shape)  # W and D unchanged: the buffer holds their fold
+        if workspace is not None and _reusable(workspace.folded, shape, W.dtype):
+            folded = workspace.folded
+        else:
+            folded = torch.empty(shape, dtype=W.dtype)
+        macs = C_out * C_in_g * K * D_mul
+        if _foldkernel is not None:
+            D_hat_t = D_hat.detach().transpose(1, 2).contiguous()  # (C_in, D_mul, K): taps innermost
+            sizes = (W.element_size(), C_in_g, K, D_mul, C_out // groups)
+
+            def work(part: int, parts: int) -> None:
+                _foldkernel.fold_rows(W.data_ptr(), D_hat_t.data_ptr(), folded.data_ptr(), *sizes,
+                                      *_share(C_out, part, parts))  # fmt: skip
+
+        else:
+            # (g, c, o, s) @ (g, c, s, k) -> (g, c, o, k), written into folded's (o, c, k) layout
+            Wb = _grouped(W.detach().numpy(), groups).transpose(0, 2, 1, 3)
+            Db = _grouped(D_hat.detach().numpy(), groups).transpose(0, 1, 3, 2)
+            out = _grouped(folded.numpy(), groups).transpose(0, 2, 1, 3)
+
+            def work(part: int, parts: int) -> None:
+                c = slice(*_share(C_in_g, part, parts))
+                np.matmul(Wb[:, c], Db[:, c], out=out[:, c])
+
+        _run_parts(work, macs)
+        if workspace is None:
+            return folded
+        workspace.key, workspace.folded = key, folded
+        return folded.view(shape)  # a view: the workspace's own tensor never joins a graph
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: Tensor):
         W, D_hat = ctx.saved_tensors
         groups = ctx.groups
         C_out, C_in_g, D_mul = W.shape
         K = D_hat.shape[1]
+        need_W, need_D = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad = grad.contiguous()
-        grad_W = torch.empty(W.shape, dtype=W.dtype)
-        grad_D = torch.empty(D_hat.shape, dtype=D_hat.dtype)
+        macs = C_out * C_in_g * K * D_mul
+        grad_D = torch.empty(D_hat.shape, dtype=D_hat.dtype) if need_D else None
+        if _foldkernel is not None:
+            sizes = (W.element_size(), C_in_g, K, D_mul, C_out // groups)
+            if need_D:
+
+                def work_D(part: int, parts: int) -> None:
+                    _foldkernel.grad_D_channels(grad.data_ptr(), W.data_ptr(), grad_D.data_ptr(), W.element_size(),
+                                                groups, C_in_g, K, D_mul, C_out // groups,
+                                                *_share(C_in_g, part, parts))  # fmt: skip
+
+                _run_parts(work_D, macs)
+            grad_W = None
+            if need_W:
+                workspace = ctx.workspace
+                if workspace is not None and _reusable(workspace.grad_W, tuple(W.shape), W.dtype):
+                    grad_W = workspace.grad_W
+                else:
+                    grad_W = torch.empty(W.shape, dtype=W.dtype)
+                    if workspace is not None:
+                        workspace.grad_W = grad_W
+
+                def work_W(part: int, parts: int) -> None:
+                    _foldkernel.grad_W_rows(grad.data_ptr(), D_hat.data_ptr(), grad_W.data_ptr(), *sizes,
+                                            *_share(C_out, part, parts))  # fmt: skip
+
+                _run_parts(work_W, macs)
+                grad_W = grad_W.view(W.shape)  # W.grad may take this view; the workspace keeps its own
+            return grad_W, grad_D, None, None, None
+
+        grad_W = torch.empty(W.shape, dtype=W.dtype) if need_W else None
         Gb = _grouped(grad.numpy(), groups).transpose(0, 2, 1, 3)  # (g, c, o, k)
         Wb = _grouped(W.detach().numpy(), groups).transpose(0, 2, 1, 3)  # (g, c, o, s)
         Db = _grouped(D_hat.detach().numpy(), groups)  # (g, c, k, s)
-        gW = _grouped(grad_W.numpy(), groups).transpose(0, 2, 1, 3)  # (g, c, o, s)
-        gD = _grouped(grad_D.numpy(), groups)  # (g, c, k, s)
 
-        def work(part: slice) -> None:
-            if ctx.needs_input_grad[0]:
-                np.matmul(Gb[:, part], Db[:, part], out=gW[:, part])
-            if ctx.needs_input_grad[1]:
-                np.matmul(Gb[:, part].transpose(0, 1, 3, 2), Wb[:, part], out=gD[:, part])
+        def work(part: int, parts: int) -> None:
+            c = slice(*_share(C_in_g, part, parts))
+            if need_W:
+                gW = _grouped(grad_W.numpy(), groups).transpose(0, 2, 1, 3)  # (g, c, o, s)
+                np.matmul(Gb[:, c], Db[:, c], out=gW[:, c])
+            if need_D:
+                np.matmul(Gb[:, c].transpose(0, 1, 3, 2), Wb[:, c], out=_grouped(grad_D.numpy(), groups)[:, c])
 
-        _run_split(work, C_in_g, 2 * C_out * C_in_g * K * D_mul)
-        return grad_W, grad_D, None
+        _run_parts(work, 2 * macs)
+        return grad_W, grad_D, None, None, None
 
 
-def _fold_fast(W: Tensor, D: Tensor, identity: Tensor, groups: int, kernel_shape: list[int]) -> Tensor:
+def _fold_fast(
+    W: Tensor,
+    D: Tensor,
+    identity: Tensor,
+    groups: int,
+    kernel_shape: list[int],
+    workspace: Optional[_Workspace] = None,
+) -> Tensor:
     """:func:`fold` through :class:`_FoldCPU` where it applies, else :func:`fold` itself."""
     if W.device.type != "cpu" or W.dtype not in (torch.float32, torch.float64) or D.dtype != W.dtype:
         return fold(W, D, identity, groups, kernel_shape)
-    # contiguous() is a no-op for parameters; the NumPy views below rely on it.
-    return _FoldCPU.apply(W.contiguous(), (D + identity).contiguous(), groups).reshape(kernel_shape)
+    key = _version_key(W, D)
+    # contiguous() is a no-op for parameters; the kernels below rely on it.
+    return _FoldCPU.apply(W.contiguous(), (D + identity).contiguous(), groups, workspace, key).reshape(kernel_shape)
 
 
 def _numpy(tensor: Tensor) -> np.ndarray:
@@ -177,6 +304,8 @@ class _DOConvNd(nn.Module):
     ]
     # `weight` composes the kernel in Python; TorchScript compiles `forward` only.
     __jit_unused_properties__ = ["weight"]
+    # Python-side caches, used only by the eager fast path: TorchScript need not type them.
+    __jit_ignored_attributes__ = ["_workspace", "_cache"]
 
     def __init__(
         self,
@@ -229,6 +358,7 @@ class _DOConvNd(nn.Module):
         else:
             self.register_parameter("bias", None)
         self._cache: Optional[tuple] = None
+        self._workspace = _Workspace()
         self.reset_parameters()
 
     def _native_padding(self, padding: Any):
@@ -270,7 +400,7 @@ class _DOConvNd(nn.Module):
         """The fold in eager mode: the CPU fast path where it applies."""
         if self.D is None or self.identity is None:
             return self._fold()
-        return _fold_fast(self.W, self.D, self.identity, self.groups, self._kernel_shape)
+        return _fold_fast(self.W, self.D, self.identity, self.groups, self._kernel_shape, self._workspace)
 
     @torch.jit.unused
     def _cached_fold(self) -> Tensor:

@@ -118,9 +118,21 @@ def test_weight_reads_the_folded_kernel_and_is_differentiable():
     assert layer.W.grad is not None and float(layer.D.grad.abs().sum()) > 0
 
 
+@pytest.fixture(params=["C kernel", "NumPy"])
+def cpu_path(request, monkeypatch):
+    """Run a test through the compiled fold kernel (where it was built) and through the NumPy path."""
+    from doconv import torch as adapter
+
+    if request.param == "NumPy":
+        monkeypatch.setattr(adapter, "_foldkernel", None)
+    elif adapter._foldkernel is None:
+        pytest.skip("doconv._foldkernel was not built here")
+    return request.param
+
+
 @pytest.mark.parametrize("groups,C_in,C_out,D_mul", [(1, 5, 7, 9), (2, 4, 6, 11), (4, 4, 4, 18), (4, 4, 8, 9)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cpu_fast_path_equals_the_einsum_fold_values_and_gradients(groups, C_in, C_out, D_mul, dtype):
+def test_cpu_fast_path_equals_the_einsum_fold_values_and_gradients(cpu_path, groups, C_in, C_out, D_mul, dtype):
     from doconv.torch import _fold_fast, fold
 
     g = torch.Generator().manual_seed(0)
@@ -139,7 +151,7 @@ def test_cpu_fast_path_equals_the_einsum_fold_values_and_gradients(groups, C_in,
         torch.testing.assert_close(a, b, **tol)
 
 
-def test_cpu_fast_path_splits_large_folds_across_threads():
+def test_cpu_fast_path_splits_large_folds_across_threads(cpu_path):
     from doconv import torch as adapter
 
     layer = DOConv2d(256, 128, 3, groups=2, dtype=torch.float64)  # 256·64·81·2 MACs: above the split threshold
@@ -155,13 +167,67 @@ def test_cpu_fast_path_splits_large_folds_across_threads():
         assert rel_err(a.numpy(), b.numpy()) < 1e-10
 
 
-def test_cpu_fast_path_passes_gradcheck():
+def test_cpu_fast_path_passes_gradcheck(cpu_path):
     from doconv.torch import _fold_fast
 
     identity = torch.as_tensor(core.identity(4, 6), dtype=torch.float64)
     W = torch.randn(4, 2, 6, dtype=torch.float64, requires_grad=True)
     D = torch.randn(4, 4, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda W, D: _fold_fast(W, D, identity, 2, [4, 2, 2, 2]), (W, D))
+
+
+@pytest.mark.parametrize("kernel_size,D_mul", [(3, None), (3, 13), (5, None), ((1, 3), 5)])
+def test_reused_buffers_never_change_what_others_hold(cpu_path, kernel_size, D_mul):
+    """The fold's buffers are reused between steps only while nothing else refers to them."""
+    layer = DOConv2d(16, 16, kernel_size, padding="same", dtype=torch.float64, D_mul=D_mul)
+    reference = copy.deepcopy(layer)
+    x = torch.randn(2, 16, 6, 6, dtype=torch.float64, requires_grad=True)
+
+    def grads(model, x):
+        model.zero_grad(set_to_none=True)
+        model(model(x)).square().sum().backward()  # the layer twice in one graph: shared weights
+        return model.W.grad.clone(), model.D.grad.clone()
+
+    def reference_grads():
+        reference.load_state_dict(layer.state_dict())
+        with torch.no_grad():
+            W, D = reference.W.clone().requires_grad_(), reference.D.clone().requires_grad_()
+        fold = lambda: adapter_fold(W, D, reference)  # noqa: E731
+        reference._conv(reference._conv(x, fold(), reference.bias), fold(), reference.bias).square().sum().backward()
+        return W.grad, D.grad
+
+    optimizer = torch.optim.SGD(layer.parameters(), lr=1e-3)
+    stashed = []
+    for _ in range(3):
+        W_grad, D_grad = grads(layer, x)
+        want_W, want_D = reference_grads()
+        torch.testing.assert_close(W_grad, want_W, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(D_grad, want_D, rtol=1e-10, atol=1e-12)
+        stashed.append((layer.W.grad, layer.W.grad.clone()))  # a user keeping last step's gradient
+        optimizer.step()
+    for held, copy_taken in stashed:
+        assert torch.equal(held, copy_taken)  # later steps did not write into it
+    # gradients accumulate across backward passes without zero_grad
+    layer.zero_grad(set_to_none=True)
+    layer(x).sum().backward()
+    once = layer.W.grad.clone()
+    layer(x).sum().backward()
+    torch.testing.assert_close(layer.W.grad, 2 * once)
+
+
+def adapter_fold(W, D, layer):
+    from doconv.torch import fold
+
+    return fold(W, D, layer.identity, layer.groups, layer._kernel_shape)
+
+
+def test_user_gradients_passed_to_autograd_are_not_modified(cpu_path):
+    layer = DOConv2d(8, 8, 3)
+    kernel = layer.weight
+    upstream = torch.randn(kernel.shape)
+    before = upstream.clone()
+    torch.autograd.grad(kernel, (layer.W, layer.D), upstream)
+    assert torch.equal(upstream, before)
 
 
 def test_gradients_reach_W_and_D():

@@ -1,0 +1,254 @@
+/*
+ * doconv._foldkernel: the three products of DO-Conv's kernel composition, one pass each.
+ *
+ *   folded[o, c, k] = sum_s W[o, c, s] * D_hat[i, k, s]            (forward)
+ *   grad_W[o, c, s] = sum_k G[o, c, k] * D_hat[i, k, s]            (backward, W)
+ *   grad_D[i, k, s] = sum_{o in group(i)} G[o, c, k] * W[o, c, s]  (backward, D)
+ *
+ * with i = (o / (C_out/g)) * (C_in/g) + c, the input channel that the grouped convolution
+ * applies folded[o, c] to (docs/maths.rst). W, G and the folded kernel are laid out
+ * (C_out, C_in/g, ·) and read or written row after row, in memory order: the per-channel
+ * matrix products that a BLAS would batch are strided across the whole tensor, and for large
+ * layers those strided passes, not the arithmetic, are what costs (PERF-NOTES). D_hat is
+ * small and stays in cache. The caller splits rows (forward, grad_W) or input channels
+ * (grad_D) between threads; every function releases the GIL.
+ *
+ * Arrays are C-contiguous float32 or float64, passed as addresses by doconv/torch.py,
+ * which checks shapes, dtypes and contiguity before calling.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+/* The bodies take K (and the kernel of work) as inline arguments: called with a literal K
+ * below, the compiler unrolls and vectorises the loops over taps, which a run-time K of 9
+ * (8 lanes + 1) leaves slow. */
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define MULTIVERSION
+#endif
+#define INLINE static inline __attribute__((always_inline))
+
+#define DEFINE_KERNELS(T, SUFFIX)                                                                 \
+    INLINE void fold_body_##SUFFIX(const T *restrict W, const T *restrict D_hat_t, T *restrict out, \
+                                   Py_ssize_t C_in_g, const Py_ssize_t K, Py_ssize_t S,          \
+                                   Py_ssize_t out_per_group, Py_ssize_t o0, Py_ssize_t o1) {      \
+        for (Py_ssize_t o = o0; o < o1; o++) {                                                    \
+            Py_ssize_t base = (o / out_per_group) * C_in_g;                                       \
+            for (Py_ssize_t c = 0; c < C_in_g; c++) {                                             \
+                const T *restrict w = W + (o * C_in_g + c) * S;                                   \
+                const T *restrict d = D_hat_t + (base + c) * S * K;                               \
+                T *restrict y = out + (o * C_in_g + c) * K;                                       \
+                for (Py_ssize_t k = 0; k < K; k++) y[k] = 0;                                      \
+                for (Py_ssize_t s = 0; s < S; s++) {                                              \
+                    const T ws = w[s];                                                            \
+                    const T *restrict ds = d + s * K;                                             \
+                    for (Py_ssize_t k = 0; k < K; k++) y[k] += ws * ds[k];                        \
+                }                                                                                 \
+            }                                                                                     \
+        }                                                                                         \
+    }                                                                                             \
+    /* Each row is summed in registers (a literal S: no stores in the inner loop), then written. */ \
+    INLINE void grad_W_body_##SUFFIX(const T *G, const T *restrict D_hat, T *grad_W,              \
+                                     Py_ssize_t C_in_g, const Py_ssize_t K, const Py_ssize_t S,  \
+                                     Py_ssize_t out_per_group, Py_ssize_t o0, Py_ssize_t o1) {    \
+        for (Py_ssize_t o = o0; o < o1; o++) {                                                    \
+            Py_ssize_t base = (o / out_per_group) * C_in_g;                                       \
+            for (Py_ssize_t c = 0; c < C_in_g; c++) {                                             \
+                const T *g = G + (o * C_in_g + c) * K;                                            \
+                const T *restrict d = D_hat + (base + c) * K * S;                                 \
+                T acc[S];                                                                         \
+                for (Py_ssize_t s = 0; s < S; s++) acc[s] = 0;                                    \
+                for (Py_ssize_t k = 0; k < K; k++) {                                              \
+                    const T gk = g[k];                                                            \
+                    const T *restrict dk = d + k * S;                                             \
+                    for (Py_ssize_t s = 0; s < S; s++) acc[s] += gk * dk[s];                      \
+                }                                                                                 \
+                T *y = grad_W + (o * C_in_g + c) * S;                                             \
+                for (Py_ssize_t s = 0; s < S; s++) y[s] = acc[s];                                 \
+            }                                                                                     \
+        }                                                                                         \
+    }                                                                                             \
+    INLINE void grad_D_body_##SUFFIX(const T *restrict G, const T *restrict W, T *restrict grad_D, \
+                                     Py_ssize_t groups, Py_ssize_t C_in_g, const Py_ssize_t K,   \
+                                     Py_ssize_t S, Py_ssize_t out_per_group, Py_ssize_t c0,      \
+                                     Py_ssize_t c1) {                                             \
+        /* One channel at a time: with a literal K and S its K x S accumulators live in        \
+           registers while the rows o of its group stream by. */                                 \
+        for (Py_ssize_t gi = 0; gi < groups; gi++) {                                              \
+            for (Py_ssize_t c = c0; c < c1; c++) {                                                \
+                T acc[K * S];                                                                     \
+                for (Py_ssize_t j = 0; j < K * S; j++) acc[j] = 0;                                \
+                for (Py_ssize_t o = gi * out_per_group; o < (gi + 1) * out_per_group; o++) {      \
+                    const T *restrict g = G + (o * C_in_g + c) * K;                               \
+                    const T *restrict w = W + (o * C_in_g + c) * S;                               \
+                    for (Py_ssize_t k = 0; k < K; k++) {                                          \
+                        const T gk = g[k];                                                        \
+                        for (Py_ssize_t s = 0; s < S; s++) acc[k * S + s] += gk * w[s];           \
+                    }                                                                             \
+                }                                                                                 \
+                T *restrict out = grad_D + (gi * C_in_g + c) * K * S;                             \
+                for (Py_ssize_t j = 0; j < K * S; j++) out[j] = acc[j];                           \
+            }                                                                                     \
+        }                                                                                         \
+    }                                                                                             \
+    /* Dispatch on the common tap counts (3x3, 1x3/3x1, 5x3, 5x5, 7x7), a generic body else. */   \
+    MULTIVERSION static void fold_rows_##SUFFIX(const T *W, const T *D_hat_t, T *out,             \
+                                                Py_ssize_t C_in_g, Py_ssize_t K, Py_ssize_t S,   \
+                                                Py_ssize_t opg, Py_ssize_t o0, Py_ssize_t o1) {  \
+        switch (K) {                                                                              \
+        case 9: fold_body_##SUFFIX(W, D_hat_t, out, C_in_g, 9, S, opg, o0, o1); break;           \
+        case 3: fold_body_##SUFFIX(W, D_hat_t, out, C_in_g, 3, S, opg, o0, o1); break;           \
+        case 15: fold_body_##SUFFIX(W, D_hat_t, out, C_in_g, 15, S, opg, o0, o1); break;         \
+        case 25: fold_body_##SUFFIX(W, D_hat_t, out, C_in_g, 25, S, opg, o0, o1); break;         \
+        case 49: fold_body_##SUFFIX(W, D_hat_t, out, C_in_g, 49, S, opg, o0, o1); break;         \
+        default: fold_body_##SUFFIX(W, D_hat_t, out, C_in_g, K, S, opg, o0, o1);                 \
+        }                                                                                         \
+    }                                                                                             \
+    MULTIVERSION static void grad_W_rows_##SUFFIX(const T *G, const T *D_hat, T *grad_W,          \
+                                                  Py_ssize_t C_in_g, Py_ssize_t K, Py_ssize_t S, \
+                                                  Py_ssize_t opg, Py_ssize_t o0, Py_ssize_t o1) { \
+        if (S == K) { /* D_mul = K, the default: both loops have a literal bound */               \
+            switch (K) {                                                                          \
+            case 9: grad_W_body_##SUFFIX(G, D_hat, grad_W, C_in_g, 9, 9, opg, o0, o1); return;   \
+            case 3: grad_W_body_##SUFFIX(G, D_hat, grad_W, C_in_g, 3, 3, opg, o0, o1); return;   \
+            case 25: grad_W_body_##SUFFIX(G, D_hat, grad_W, C_in_g, 25, 25, opg, o0, o1); return; \
+            }                                                                                     \
+        }                                                                                         \
+        switch (K) {                                                                              \
+        case 9: grad_W_body_##SUFFIX(G, D_hat, grad_W, C_in_g, 9, S, opg, o0, o1); break;        \
+        default: grad_W_body_##SUFFIX(G, D_hat, grad_W, C_in_g, K, S, opg, o0, o1);              \
+        }                                                                                         \
+    }                                                                                             \
+    MULTIVERSION static void grad_D_channels_##SUFFIX(const T *G, const T *W, T *grad_D,          \
+                                                      Py_ssize_t groups, Py_ssize_t C_in_g,      \
+                                                      Py_ssize_t K, Py_ssize_t S, Py_ssize_t opg, \
+                                                      Py_ssize_t c0, Py_ssize_t c1) {             \
+        if (S == K) {                                                                             \
+            switch (K) {                                                                          \
+            case 9: grad_D_body_##SUFFIX(G, W, grad_D, groups, C_in_g, 9, 9, opg, c0, c1); return; \
+            case 3: grad_D_body_##SUFFIX(G, W, grad_D, groups, C_in_g, 3, 3, opg, c0, c1); return; \
+            case 25: grad_D_body_##SUFFIX(G, W, grad_D, groups, C_in_g, 25, 25, opg, c0, c1); return; \
+            }                                                                                     \
+        }                                                                                         \
+        grad_D_body_##SUFFIX(G, W, grad_D, groups, C_in_g, K, S, opg, c0, c1);                    \
+    }
+
+DEFINE_KERNELS(float, f32)
+DEFINE_KERNELS(double, f64)
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define HAVE_AVX2_3X3 1
+/* grad_D for 3x3 kernels with D_mul = 9 in float32, the commonest case, with AVX2: one channel's
+ * 9x9 accumulators stay in ten vector registers (rows s = 0..7 of each tap k in a0..a8, the
+ * column s = 8 of taps 0..7 in `last`) while the rows o of its group stream by. */
+__attribute__((target("avx2,fma"))) static void grad_D_3x3_avx2(const float *G, const float *W, float *grad_D,
+                                                                 Py_ssize_t groups, Py_ssize_t C_in_g,
+                                                                 Py_ssize_t out_per_group, Py_ssize_t c0,
+                                                                 Py_ssize_t c1) {
+    for (Py_ssize_t gi = 0; gi < groups; gi++) {
+        for (Py_ssize_t c = c0; c < c1; c++) {
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0,
+                   a8 = a0, last = a0;
+            float corner = 0;
+            for (Py_ssize_t o = gi * out_per_group; o < (gi + 1) * out_per_group; o++) {
+                const float *g = G + (o * C_in_g + c) * 9;
+                const float *w = W + (o * C_in_g + c) * 9;
+                const __m256 wv = _mm256_loadu_ps(w);
+                a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(g + 0), wv, a0);
+                a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(g + 1), wv, a1);
+                a2 = _mm256_fmadd_ps(_mm256_broadcast_ss(g + 2), wv, a2);
+                a3 = _mm256_fmadd_ps(_mm256_broadcast_ss(g + 3), wv, a3);
+                a4 = _mm256_fmadd_ps(_mm256_broadcast_ss(g + 4), wv, a4);
+                a5 = _mm256_fmadd_ps(_mm256_broadcast_ss(g + 5), wv, a5);
+                a6 = _mm256_fmadd_ps(_mm256_broadcast_ss(g + 6), wv, a6);
+                a7 = _mm256_fmadd_ps(_mm256_broadcast_ss(g + 7), wv, a7);
+                a8 = _mm256_fmadd_ps(_mm256_broadcast_ss(g + 8), wv, a8);
+                last = _mm256_fmadd_ps(_mm256_loadu_ps(g), _mm256_broadcast_ss(w + 8), last);
+                corner += g[8] * w[8];
+            }
+            float *out = grad_D + (gi * C_in_g + c) * 81;
+            float column[8];
+            _mm256_storeu_ps(column, last);
+            const __m256 rows[9] = {a0, a1, a2, a3, a4, a5, a6, a7, a8};
+            for (int k = 0; k < 9; k++) {
+                float row[8];
+                _mm256_storeu_ps(row, rows[k]);
+                memcpy(out + k * 9, row, sizeof row);
+                out[k * 9 + 8] = k < 8 ? column[k] : corner;
+            }
+        }
+    }
+}
+#endif
+
+/* Arguments: (a, b, out) addresses, then itemsize (4 or 8) and the sizes each kernel needs. */
+
+static PyObject *fold_rows(PyObject *self, PyObject *args) {
+    unsigned long long a, b, out;
+    Py_ssize_t itemsize, C_in_g, K, S, opg, o0, o1;
+    if (!PyArg_ParseTuple(args, "KKKnnnnnnn", &a, &b, &out, &itemsize, &C_in_g, &K, &S, &opg, &o0, &o1))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    if (itemsize == 4)
+        fold_rows_f32((const float *)(uintptr_t)a, (const float *)(uintptr_t)b, (float *)(uintptr_t)out, C_in_g,
+                      K, S, opg, o0, o1);
+    else
+        fold_rows_f64((const double *)(uintptr_t)a, (const double *)(uintptr_t)b, (double *)(uintptr_t)out,
+                      C_in_g, K, S, opg, o0, o1);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *grad_W_rows(PyObject *self, PyObject *args) {
+    unsigned long long a, b, out;
+    Py_ssize_t itemsize, C_in_g, K, S, opg, o0, o1;
+    if (!PyArg_ParseTuple(args, "KKKnnnnnnn", &a, &b, &out, &itemsize, &C_in_g, &K, &S, &opg, &o0, &o1))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    if (itemsize == 4)
+        grad_W_rows_f32((const float *)(uintptr_t)a, (const float *)(uintptr_t)b, (float *)(uintptr_t)out, C_in_g,
+                        K, S, opg, o0, o1);
+    else
+        grad_W_rows_f64((const double *)(uintptr_t)a, (const double *)(uintptr_t)b, (double *)(uintptr_t)out,
+                        C_in_g, K, S, opg, o0, o1);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *grad_D_channels(PyObject *self, PyObject *args) {
+    unsigned long long a, b, out;
+    Py_ssize_t itemsize, groups, C_in_g, K, S, opg, c0, c1;
+    if (!PyArg_ParseTuple(args, "KKKnnnnnnnn", &a, &b, &out, &itemsize, &groups, &C_in_g, &K, &S, &opg, &c0, &c1))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+#ifdef HAVE_AVX2_3X3
+    if (itemsize == 4 && K == 9 && S == 9 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        grad_D_3x3_avx2((const float *)(uintptr_t)a, (const float *)(uintptr_t)b, (float *)(uintptr_t)out, groups,
+                        C_in_g, opg, c0, c1);
+    else
+#endif
+    if (itemsize == 4)
+        grad_D_channels_f32((const float *)(uintptr_t)a, (const float *)(uintptr_t)b, (float *)(uintptr_t)out,
+                            groups, C_in_g, K, S, opg, c0, c1);
+    else
+        grad_D_channels_f64((const double *)(uintptr_t)a, (const double *)(uintptr_t)b, (double *)(uintptr_t)out,
+                            groups, C_in_g, K, S, opg, c0, c1);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"fold_rows", fold_rows, METH_VARARGS, "folded kernel rows [o0, o1)"},
+    {"grad_W_rows", grad_W_rows, METH_VARARGS, "grad_W rows [o0, o1)"},
+    {"grad_D_channels", grad_D_channels, METH_VARARGS, "grad_D for in-group channels [c0, c1)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_foldkernel",
+                                    "DO-Conv's kernel composition and its gradients, one pass each.", -1, methods};
+
+PyMODINIT_FUNC PyInit__foldkernel(void) { return PyModule_Create(&module); }
