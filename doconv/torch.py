@@ -149,9 +149,11 @@ def _lone_count() -> int:
     probe = torch.empty(1)
     lone = _storage_use_count(probe.untyped_storage()._cdata)
     view = probe.view(1)
-    if _storage_use_count(probe.untyped_storage()._cdata) <= lone:
-        _storage_use_count = None
+    shared = _storage_use_count(probe.untyped_storage()._cdata)
     del view
+    if not (isinstance(lone, int) and isinstance(shared, int) and shared > lone):
+        _storage_use_count = None
+        return 0
     return lone
 
 
