@@ -33,7 +33,6 @@ DEMO = TORCH + [
 ]
 
 
-
 class OptionalBuildExt(build_ext):
     """Build the C fold kernel where a compiler is available; doconv works without it (slower)."""
 
