@@ -60,8 +60,8 @@ def resnet18_style(num_classes: int = 10, width: int = 64) -> nn.Module:
         width: channels of the first stage (64 in ResNet-18); the stages double it. Default 64.
 
     Example:
-        >>> resnet18_style(width=8)(torch.randn(1, 3, 32, 32)).shape
-        torch.Size([1, 10])
+        >>> resnet18_style(width=8)(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
     """
     widths = [width, 2 * width, 4 * width, 8 * width]
     layers: list[nn.Module] = [
