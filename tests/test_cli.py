@@ -4,6 +4,7 @@ Runs in the torch tox env. ``cli.main`` is called in-process (fast, and its retu
 the exit status); two tests run ``python -m doconv`` to cover the module entry point.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -56,7 +57,9 @@ def test_demo_tiny_run_writes_every_artefact(demo_deps, tmp_path, capsys):
     # D_mul 10 > K = 9: checks that --D-mul reaches convert_model (1x1 layers stay at D_mul 1).
     status, stdout, _ = run_cli(capsys, "demo", "--epochs", 1, "--seeds", 1, "--D-mul", 10, "--out", out)
     assert status == 0
-    for name in ("results.json", "curves.png", "model_folded.pt", "model_folded.onnx"):
+    # The ONNX export needs the demo extra's onnx, onnxscript and onnxruntime (the torch tox env has them).
+    with_onnx = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript", "onnxruntime"))
+    for name in ("results.json", "curves.png", "model_folded.pt") + (("model_folded.onnx",) if with_onnx else ()):
         assert (out / name).stat().st_size > 0, name
     assert not [p for p in os.listdir(out) if p.startswith(".")]  # the staging folder is gone
     assert "test acc (mean ± std)" in stdout and "params (deploy)" in stdout and "Saved to" in stdout
@@ -65,7 +68,8 @@ def test_demo_tiny_run_writes_every_artefact(demo_deps, tmp_path, capsys):
     fold = results["fold_check"]
     assert fold["same_predictions"]
     assert fold["max_abs_diff"] <= 1e-5 * max(1.0, fold["max_abs_logit"])
-    assert results["deploy"]["onnx_max_abs_diff"] <= 1e-4 * max(1.0, fold["max_abs_logit"])
+    if with_onnx:
+        assert results["deploy"]["onnx_max_abs_diff"] <= 1e-4 * max(1.0, fold["max_abs_logit"])
     summary = results["summary"]
     assert summary["plain"]["params_train"] == summary["plain"]["params_deploy"] == summary["DO-Conv"]["params_deploy"]
 
@@ -80,8 +84,10 @@ def test_demo_tiny_run_writes_every_artefact(demo_deps, tmp_path, capsys):
     x = torch.from_numpy(np.random.default_rng(0).standard_normal((4, 1, 8, 8)).astype(np.float32))
     assert plain.eval()(x).shape == (4, 10)
 
-    onnx = pytest.importorskip("onnx")
-    onnx.checker.check_model(str(out / "model_folded.onnx"))
+    if with_onnx:
+        import onnx
+
+        onnx.checker.check_model(str(out / "model_folded.onnx"))
 
 
 @pytest.fixture
