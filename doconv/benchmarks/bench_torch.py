@@ -325,13 +325,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="repeats per measurement")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument(
+        "--numpy-fold", action="store_true", help="measure the NumPy fallback instead of the C fold kernel"
+    )
     args = parser.parse_args(argv)
+    if args.numpy_fold:
+        import doconv.torch
+
+        doconv.torch._foldkernel = None
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("bench_torch: --device cuda asked for, but CUDA is not available", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
     rows = run(quick=args.quick, device=args.device, repeats=args.repeats, memory=not args.no_memory)
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
+    if not args.device.startswith("cuda"):
+        import doconv.torch
+
+        where += ", fold: " + ("C kernel" if doconv.torch._foldkernel is not None else "NumPy")
     print(f"doconv.torch vs nn.Conv2d — torch {torch.__version__}, {where}; median of per-repeat ratios")
     print(format_table(rows))
     if args.json:
