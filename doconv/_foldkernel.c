@@ -187,37 +187,26 @@ __attribute__((target("avx2,fma"))) static void grad_D_3x3_avx2(const float *G, 
 
 /* Arguments: (a, b, out) addresses, then itemsize (4 or 8) and the sizes each kernel needs. */
 
-static PyObject *fold_rows(PyObject *self, PyObject *args) {
-    unsigned long long a, b, out;
-    Py_ssize_t itemsize, C_in_g, K, S, opg, o0, o1;
-    if (!PyArg_ParseTuple(args, "KKKnnnnnnn", &a, &b, &out, &itemsize, &C_in_g, &K, &S, &opg, &o0, &o1))
-        return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    if (itemsize == 4)
-        fold_rows_f32((const float *)(uintptr_t)a, (const float *)(uintptr_t)b, (float *)(uintptr_t)out, C_in_g,
-                      K, S, opg, o0, o1);
-    else
-        fold_rows_f64((const double *)(uintptr_t)a, (const double *)(uintptr_t)b, (double *)(uintptr_t)out,
-                      C_in_g, K, S, opg, o0, o1);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
-}
+/* fold_rows and grad_W_rows take the same arguments: rows [o0, o1) of one output from two inputs. */
+#define ROWS_WRAPPER(NAME)                                                                                    \
+    static PyObject *NAME(PyObject *self, PyObject *args) {                                                   \
+        unsigned long long a, b, out;                                                                         \
+        Py_ssize_t itemsize, C_in_g, K, S, opg, o0, o1;                                                       \
+        if (!PyArg_ParseTuple(args, "KKKnnnnnnn", &a, &b, &out, &itemsize, &C_in_g, &K, &S, &opg, &o0, &o1)) \
+            return NULL;                                                                                      \
+        Py_BEGIN_ALLOW_THREADS                                                                                \
+        if (itemsize == 4)                                                                                    \
+            NAME##_f32((const float *)(uintptr_t)a, (const float *)(uintptr_t)b, (float *)(uintptr_t)out,    \
+                       C_in_g, K, S, opg, o0, o1);                                                            \
+        else                                                                                                  \
+            NAME##_f64((const double *)(uintptr_t)a, (const double *)(uintptr_t)b, (double *)(uintptr_t)out, \
+                       C_in_g, K, S, opg, o0, o1);                                                            \
+        Py_END_ALLOW_THREADS                                                                                  \
+        Py_RETURN_NONE;                                                                                       \
+    }
 
-static PyObject *grad_W_rows(PyObject *self, PyObject *args) {
-    unsigned long long a, b, out;
-    Py_ssize_t itemsize, C_in_g, K, S, opg, o0, o1;
-    if (!PyArg_ParseTuple(args, "KKKnnnnnnn", &a, &b, &out, &itemsize, &C_in_g, &K, &S, &opg, &o0, &o1))
-        return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    if (itemsize == 4)
-        grad_W_rows_f32((const float *)(uintptr_t)a, (const float *)(uintptr_t)b, (float *)(uintptr_t)out, C_in_g,
-                        K, S, opg, o0, o1);
-    else
-        grad_W_rows_f64((const double *)(uintptr_t)a, (const double *)(uintptr_t)b, (double *)(uintptr_t)out,
-                        C_in_g, K, S, opg, o0, o1);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
-}
+ROWS_WRAPPER(fold_rows)
+ROWS_WRAPPER(grad_W_rows)
 
 static PyObject *grad_D_channels(PyObject *self, PyObject *args) {
     unsigned long long a, b, out;

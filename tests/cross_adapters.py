@@ -15,7 +15,19 @@ import numpy as np
 from doconv import core
 
 
-class TorchAdapter:
+class _Adapter:
+    """What every adapter shares: parameters go in and out through the doconv adapter module."""
+
+    adapter = None  # the doconv.<framework> module, set by each subclass
+
+    def set_params(self, layer, params):
+        return self.adapter.set_params(layer, params)
+
+    def get_params(self, layer):
+        return self.adapter.get_params(layer)
+
+
+class TorchAdapter(_Adapter):
     name = "torch"
     layouts = ("contiguous", "channels_last")  # PyTorch's two memory formats of NCHW
 
@@ -40,12 +52,6 @@ class TorchAdapter:
             D_mul=case["D_mul"],
         ).eval()
 
-    def set_params(self, layer, params):
-        return self.adapter.set_params(layer, params)
-
-    def get_params(self, layer):
-        return self.adapter.get_params(layer)
-
     def fused_kernel(self, layer, layout):
         return layer.fuse().weight.detach().numpy()
 
@@ -58,7 +64,7 @@ class TorchAdapter:
             return layer(x).numpy()
 
 
-class KerasAdapter:
+class KerasAdapter(_Adapter):
     name = "keras"
     layouts = ("channels_last", "channels_first")
 
@@ -92,12 +98,6 @@ class KerasAdapter:
         layer.build((None, None, None, C) if layout == "channels_last" else (None, C, None, None))
         return layer
 
-    def set_params(self, layer, params):
-        return self.adapter.set_params(layer, params)
-
-    def get_params(self, layer):
-        return self.adapter.get_params(layer)
-
     def fused_kernel(self, layer, layout):
         return core.kernel_from_keras(self.keras.ops.convert_to_numpy(layer.fuse().kernel))
 
@@ -108,7 +108,7 @@ class KerasAdapter:
         return y.transpose(0, 3, 1, 2) if layout == "channels_last" else y
 
 
-class GluonAdapter:
+class GluonAdapter(_Adapter):
     name = "gluon"
     layouts = ("NCHW", "NHWC")
 
@@ -135,12 +135,6 @@ class GluonAdapter:
         )
         layer.initialize()
         return layer
-
-    def set_params(self, layer, params):
-        return self.adapter.set_params(layer, params)
-
-    def get_params(self, layer):
-        return self.adapter.get_params(layer)
 
     def fused_kernel(self, layer, layout):
         return core.kernel_from_gluon(layer.fuse().weight.data().asnumpy(), core.gluon_layout(layout, 2))
