@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Optional, Union
@@ -85,18 +86,19 @@ except ImportError:  # built by setup.py where a compiler is available
     _foldkernel = None
 
 _POOL: Optional[ThreadPoolExecutor] = None
+_POOL_PID = 0  # a forked child inherits the pool object but not its threads: it makes its own
 _PARALLEL_MIN_MACS = 1 << 20  # below this, thread hand-off costs more than it saves
 
 
 def _run_parts(work: Callable[[int, int], None], macs: int) -> None:
     """Call ``work(part, parts)`` for every part, in threads when the work is large enough."""
-    global _POOL
+    global _POOL, _POOL_PID
     parts = torch.get_num_threads() if macs >= _PARALLEL_MIN_MACS else 1
     if parts < 2:
         work(0, 1)
         return
-    if _POOL is None or _POOL._max_workers < parts:
-        _POOL = ThreadPoolExecutor(max_workers=parts, thread_name_prefix="doconv-fold")
+    if _POOL is None or _POOL._max_workers < parts or _POOL_PID != os.getpid():
+        _POOL, _POOL_PID = ThreadPoolExecutor(max_workers=parts, thread_name_prefix="doconv-fold"), os.getpid()
     futures = [_POOL.submit(work, part, parts) for part in range(parts)]
     for future in futures:
         future.result()

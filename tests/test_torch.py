@@ -167,6 +167,19 @@ def test_cpu_fast_path_splits_large_folds_across_threads(cpu_path):
         assert rel_err(a.numpy(), b.numpy()) < 1e-10
 
 
+def test_fold_thread_pool_is_remade_in_another_process(monkeypatch):
+    """A forked child inherits the pool object but not its threads: it must not reuse it."""
+    from doconv import torch as adapter
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    calls = []
+    adapter._run_parts(lambda part, parts: calls.append(part), adapter._PARALLEL_MIN_MACS)
+    first = adapter._POOL
+    monkeypatch.setattr(adapter, "_POOL_PID", -1)  # as seen from a child process
+    adapter._run_parts(lambda part, parts: calls.append(part), adapter._PARALLEL_MIN_MACS)
+    assert adapter._POOL is not first and sorted(calls) == [0, 0, 1, 1]
+
+
 def test_cpu_fast_path_passes_gradcheck(cpu_path):
     from doconv.torch import _fold_fast
 
