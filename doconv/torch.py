@@ -291,6 +291,21 @@ def _numpy(tensor: Tensor) -> np.ndarray:
     return tensor.numpy().copy()
 
 
+def _constructor_arguments(layer: nn.Module) -> tuple:
+    """nn.ConvNd's positional constructor arguments, read from a native or a DO-Conv layer (same names)."""
+    return (
+        layer.in_channels,
+        layer.out_channels,
+        layer.kernel_size,
+        layer.stride,
+        layer.padding,
+        layer.dilation,
+        layer.groups,
+        layer.bias is not None,
+        layer.padding_mode,
+    )
+
+
 class _DOConvNd(nn.Module):
     """Shared implementation of DOConv1d/2d/3d; see :class:`DOConv2d`."""
 
@@ -513,15 +528,7 @@ class _DOConvNd(nn.Module):
             if param is not None and not bool(torch.isfinite(param).all()):
                 raise ValueError(f"Cannot fuse {self._name()}: its parameter {name} holds NaN or infinity.")
         conv = _NATIVE[self._rank](
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.groups,
-            self.bias is not None,
-            self.padding_mode,
+            *_constructor_arguments(self),
             device=self.W.device,
             dtype=self.W.dtype,
         )
@@ -556,15 +563,7 @@ class _DOConvNd(nn.Module):
                 f"{cls.__name__}.from_conv needs an nn.{native.__name__}. Received: conv of type {type(conv).__name__}"
             )
         layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            conv.groups,
-            conv.bias is not None,
-            conv.padding_mode,
+            *_constructor_arguments(conv),
             device=conv.weight.device,
             dtype=conv.weight.dtype,
             D_mul=D_mul,
