@@ -640,7 +640,7 @@ def test_benchmark_program_prints_its_ratio_table(capsys):
 
     threads = torch.get_num_threads()
     try:
-        assert bench_torch.main(["--quick", "--no-memory", "--repeats", "1", "--threads", "1"]) == 0
+        assert bench_torch.main(["--quick", "--no-memory", "--repeats", "1", "--threads", "1", "--profile"]) == 0
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
@@ -648,3 +648,5 @@ def test_benchmark_program_prints_its_ratio_table(capsys):
         assert row in out
     # the state_dict holds exactly the native tensors plus D
     assert "(DO-Conv - native - D = 0 B;" in out
+    share = float(out.split("training step: ")[1].split(" %")[0])
+    assert 0 < share < 100
