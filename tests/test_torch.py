@@ -2,6 +2,7 @@
 
 import copy
 import os
+import sys
 import warnings
 
 import numpy as np
@@ -118,16 +119,30 @@ def test_weight_reads_the_folded_kernel_and_is_differentiable():
     assert layer.W.grad is not None and float(layer.D.grad.abs().sum()) > 0
 
 
-@pytest.fixture(params=["C kernel", "NumPy"])
+@pytest.fixture(params=["C kernel", "C kernel, Python threads", "NumPy"])
 def cpu_path(request, monkeypatch):
-    """Run a test through the compiled fold kernel (where it was built) and through the NumPy path."""
+    """Run a test through the compiled fold kernel (where it was built), split on torch's OpenMP
+    threads where found and on the Python pool, and through the NumPy path."""
     from doconv import torch as adapter
 
     if request.param == "NumPy":
         monkeypatch.setattr(adapter, "_foldkernel", None)
     elif adapter._foldkernel is None:
         pytest.skip("doconv._foldkernel was not built here")
+    elif request.param == "C kernel, Python threads":
+        monkeypatch.setattr(adapter, "_GOMP", False)
     return request.param
+
+
+def test_fold_kernel_runs_on_torchs_openmp_threads_here():
+    """On Linux with torch's OpenMP backend, the C kernel finds the runtime torch's threads run on."""
+    from doconv import torch as adapter
+
+    if adapter._foldkernel is None or not sys.platform.startswith("linux"):
+        pytest.skip("no C kernel, or not Linux")
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch does not use OpenMP here")
+    assert adapter._torch_gomp_parallel() != 0 and adapter._GOMP
 
 
 @pytest.mark.parametrize("groups,C_in,C_out,D_mul", [(1, 5, 7, 9), (2, 4, 6, 11), (4, 4, 4, 18), (4, 4, 8, 9)])
