@@ -19,6 +19,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* The bodies take K (and the kernel of work) as inline arguments: called with a literal K
@@ -141,48 +142,111 @@ DEFINE_KERNELS(double, f64)
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
-#define HAVE_AVX2_3X3 1
-/* grad_D for 3x3 kernels with D_mul = 9 in float32, the commonest case, with AVX2: one channel's
- * 9x9 accumulators stay in ten vector registers (rows s = 0..7 of each tap k in a0..a8, the
- * column s = 8 of taps 0..7 in `last`) while the rows o of its group stream by. */
-__attribute__((target("avx2,fma"))) static void grad_D_3x3_avx2(const float *G, const float *W, float *grad_D,
-                                                                 Py_ssize_t groups, Py_ssize_t C_in_g,
-                                                                 Py_ssize_t out_per_group, Py_ssize_t c0,
-                                                                 Py_ssize_t c1) {
-    for (Py_ssize_t gi = 0; gi < groups; gi++) {
-        for (Py_ssize_t c = c0; c < c1; c++) {
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0,
-                   a8 = a0, last = a0;
-            float corner = 0;
-            for (Py_ssize_t o = gi * out_per_group; o < (gi + 1) * out_per_group; o++) {
-                const float *g = G + (o * C_in_g + c) * 9;
-                const float *w = W + (o * C_in_g + c) * 9;
-                const __m256 wv = _mm256_loadu_ps(w);
-                a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(g + 0), wv, a0);
-                a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(g + 1), wv, a1);
-                a2 = _mm256_fmadd_ps(_mm256_broadcast_ss(g + 2), wv, a2);
-                a3 = _mm256_fmadd_ps(_mm256_broadcast_ss(g + 3), wv, a3);
-                a4 = _mm256_fmadd_ps(_mm256_broadcast_ss(g + 4), wv, a4);
-                a5 = _mm256_fmadd_ps(_mm256_broadcast_ss(g + 5), wv, a5);
-                a6 = _mm256_fmadd_ps(_mm256_broadcast_ss(g + 6), wv, a6);
-                a7 = _mm256_fmadd_ps(_mm256_broadcast_ss(g + 7), wv, a7);
-                a8 = _mm256_fmadd_ps(_mm256_broadcast_ss(g + 8), wv, a8);
-                last = _mm256_fmadd_ps(_mm256_loadu_ps(g), _mm256_broadcast_ss(w + 8), last);
-                corner += g[8] * w[8];
+#define HAVE_AVX2_9X9 1
+/* float32 kernels for 3x3 kernels with D_mul = 9, the default and by far the commonest case, with
+ * AVX2 and FMA. The generic bodies above reach ~3 multiply-adds per cycle there; these keep their
+ * sums in registers and reach several times that (bench_torch's fold lines).
+ *
+ * A row of 9 = 8 lanes + 1: each product row is one vector for columns 0..7 and a scalar for
+ * column 8, computed with scalar FMAs on the low lane of the same broadcasts. */
+#define AVX2 __attribute__((target("avx2,fma")))
+
+/* out[o, c, :] = in[o, c, :] @ M[i(o, c)] for R rows o0..o0+R-1 of one group, where M is (C_in, 9, 9)
+ * and i(o, c) = base + c. The forward (in = W, M = D_hat with (s, k) order) and grad_W (in = G,
+ * M = D_hat with (k, s) order) are both this product. R rows at once share each row of M, loaded once,
+ * between R broadcasts; 2R independent sums hide the FMA latency. */
+AVX2 INLINE void rows9(const float *restrict in, const float *restrict M, float *restrict out, Py_ssize_t C_in_g,
+                       Py_ssize_t base, const int R) {
+    for (Py_ssize_t c = 0; c < C_in_g; c++) {
+        const float *restrict m = M + (base + c) * 81;
+        __m256 acc[4];
+        __m128 acc8[4];
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            acc[r] = _mm256_setzero_ps();
+            acc8[r] = _mm_setzero_ps();
+        }
+#pragma GCC unroll 9
+        for (int s = 0; s < 9; s++) {
+            const __m256 row = _mm256_loadu_ps(m + s * 9);
+            const __m128 last = _mm_load_ss(m + s * 9 + 8);
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) {
+                const __m256 x = _mm256_broadcast_ss(in + (r * C_in_g + c) * 9 + s);
+                acc[r] = _mm256_fmadd_ps(x, row, acc[r]);
+                acc8[r] = _mm_fmadd_ss(_mm256_castps256_ps128(x), last, acc8[r]);
             }
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            float *y = out + (r * C_in_g + c) * 9;
+            _mm256_storeu_ps(y, acc[r]);
+            _mm_store_ss(y + 8, acc8[r]);
+        }
+    }
+}
+
+/* Rows [o0, o1) of the product above, four at a time within each group. */
+AVX2 static void rows9_avx2(const float *in, const float *M, float *out, Py_ssize_t C_in_g, Py_ssize_t opg,
+                            Py_ssize_t o0, Py_ssize_t o1) {
+    Py_ssize_t o = o0;
+    while (o < o1) {
+        const Py_ssize_t group_end = (o / opg + 1) * opg, stop = group_end < o1 ? group_end : o1;
+        const Py_ssize_t base = (o / opg) * C_in_g;
+        for (; o + 4 <= stop; o += 4)
+            rows9(in + o * C_in_g * 9, M, out + o * C_in_g * 9, C_in_g, base, 4);
+        for (; o < stop; o++) rows9(in + o * C_in_g * 9, M, out + o * C_in_g * 9, C_in_g, base, 1);
+    }
+}
+
+/* grad_D[i, k, s] = sum_o G[o, c, k] W[o, c, s] for in-group channels [c0, c1) of every group.
+ * One channel's 9x9 sums stay in ten vector registers (rows s = 0..7 of each tap k in a[k], the
+ * column s = 8 of taps 0..7 in `last`, the corner as a scalar) while rows o stream by. Rows are
+ * taken in chunks of a few rows, all channels of the range per chunk, so that the lines of a chunk's
+ * rows are reused from channel to channel instead of fetched again; between chunks the sums wait in
+ * `partial`, in register order. Rows lie C_in/g * 36 bytes apart: where that is a multiple of 2 KiB
+ * (C_in/g = 512, 1024, ...), all rows of a chunk compete for the same few sets of the L1 cache, and a
+ * chunk of 6 rows measured faster than 8 (8 is faster elsewhere; bench on 512- and 256-channel layers). */
+AVX2 static void grad_D_avx2(const float *G, const float *W, float *grad_D, Py_ssize_t groups, Py_ssize_t C_in_g,
+                             Py_ssize_t opg, Py_ssize_t c0, Py_ssize_t c1, float *partial) {
+    const Py_ssize_t CHUNK_ROWS = (C_in_g * 36) % 2048 == 0 ? 6 : 8;
+    for (Py_ssize_t gi = 0; gi < groups; gi++) {
+        for (Py_ssize_t j = 0; j < (c1 - c0) * 88; j++) partial[j] = 0;
+        for (Py_ssize_t ob = gi * opg; ob < (gi + 1) * opg; ob += CHUNK_ROWS) {
+            const Py_ssize_t oe = ob + CHUNK_ROWS < (gi + 1) * opg ? ob + CHUNK_ROWS : (gi + 1) * opg;
+            for (Py_ssize_t c = c0; c < c1; c++) {
+                float *p = partial + (c - c0) * 88;
+                __m256 a[9], last = _mm256_loadu_ps(p + 72);
+#pragma GCC unroll 9
+                for (int k = 0; k < 9; k++) a[k] = _mm256_loadu_ps(p + k * 8);
+                float corner = p[80];
+                for (Py_ssize_t o = ob; o < oe; o++) {
+                    const float *g = G + (o * C_in_g + c) * 9;
+                    const float *w = W + (o * C_in_g + c) * 9;
+                    const __m256 wv = _mm256_loadu_ps(w);
+#pragma GCC unroll 9
+                    for (int k = 0; k < 9; k++) a[k] = _mm256_fmadd_ps(_mm256_broadcast_ss(g + k), wv, a[k]);
+                    last = _mm256_fmadd_ps(_mm256_loadu_ps(g), _mm256_broadcast_ss(w + 8), last);
+                    corner += g[8] * w[8];
+                }
+#pragma GCC unroll 9
+                for (int k = 0; k < 9; k++) _mm256_storeu_ps(p + k * 8, a[k]);
+                _mm256_storeu_ps(p + 72, last);
+                p[80] = corner;
+            }
+        }
+        for (Py_ssize_t c = c0; c < c1; c++) {
+            const float *p = partial + (c - c0) * 88;
             float *out = grad_D + (gi * C_in_g + c) * 81;
-            float column[8];
-            _mm256_storeu_ps(column, last);
-            const __m256 rows[9] = {a0, a1, a2, a3, a4, a5, a6, a7, a8};
             for (int k = 0; k < 9; k++) {
-                float row[8];
-                _mm256_storeu_ps(row, rows[k]);
-                memcpy(out + k * 9, row, sizeof row);
-                out[k * 9 + 8] = k < 8 ? column[k] : corner;
+                memcpy(out + k * 9, p + k * 8, 8 * sizeof(float));
+                out[k * 9 + 8] = k < 8 ? p[72 + k] : p[80];
             }
         }
     }
 }
+
+static int have_avx2(void) { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
 #endif
 
 /* Splitting the work between threads. doconv/torch.py hands over the address of GOMP_parallel from
@@ -216,6 +280,12 @@ static void job_worker(void *arg) {
 
 /* fold_rows and grad_W_rows: rows [o0, o1) of one output from two inputs. */
 static void fold_range(const struct job *j, Py_ssize_t o0, Py_ssize_t o1) {
+#ifdef HAVE_AVX2_9X9
+    if (j->itemsize == 4 && j->K == 9 && j->S == 9 && have_avx2()) {
+        rows9_avx2(j->a, j->b, j->out, j->C_in_g, j->opg, o0, o1);
+        return;
+    }
+#endif
     if (j->itemsize == 4)
         fold_rows_f32(j->a, j->b, j->out, j->C_in_g, j->K, j->S, j->opg, o0, o1);
     else
@@ -223,6 +293,12 @@ static void fold_range(const struct job *j, Py_ssize_t o0, Py_ssize_t o1) {
 }
 
 static void grad_W_range(const struct job *j, Py_ssize_t o0, Py_ssize_t o1) {
+#ifdef HAVE_AVX2_9X9
+    if (j->itemsize == 4 && j->K == 9 && j->S == 9 && have_avx2()) {
+        rows9_avx2(j->a, j->b, j->out, j->C_in_g, j->opg, o0, o1);
+        return;
+    }
+#endif
     if (j->itemsize == 4)
         grad_W_rows_f32(j->a, j->b, j->out, j->C_in_g, j->K, j->S, j->opg, o0, o1);
     else
@@ -231,10 +307,14 @@ static void grad_W_range(const struct job *j, Py_ssize_t o0, Py_ssize_t o1) {
 
 /* grad_D: in-group channels [c0, c1) of every group. */
 static void grad_D_range(const struct job *j, Py_ssize_t c0, Py_ssize_t c1) {
-#ifdef HAVE_AVX2_3X3
-    if (j->itemsize == 4 && j->K == 9 && j->S == 9 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-        grad_D_3x3_avx2(j->a, j->b, j->out, j->groups, j->C_in_g, j->opg, c0, c1);
-        return;
+#ifdef HAVE_AVX2_9X9
+    if (j->itemsize == 4 && j->K == 9 && j->S == 9 && have_avx2()) {
+        float *partial = malloc((size_t)(c1 - c0) * 88 * sizeof(float));
+        if (partial != NULL) {
+            grad_D_avx2(j->a, j->b, j->out, j->groups, j->C_in_g, j->opg, c0, c1, partial);
+            free(partial);
+            return;
+        }
     }
 #endif
     if (j->itemsize == 4)
