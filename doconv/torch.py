@@ -14,17 +14,14 @@ Public names: :class:`DOConv1d`, :class:`DOConv2d`, :class:`DOConv3d`,
 from __future__ import annotations
 
 import copy
-import ctypes
 import math
 import os
-import sys
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
-from . import core
+from . import _fold_cpu, core
 from ._optional import require
 
 torch = require("torch", "doconv.torch", "torch", "PyTorch")
@@ -80,84 +77,39 @@ def fold(W: Tensor, D: Optional[Tensor], identity: Optional[Tensor], groups: int
 # available, walks W, the kernel and their gradients in memory order instead, one pass each. Where it
 # is missing, NumPy's matmul on strided views does the same products. Either way the work is split
 # across torch's intra-op thread count: the C kernel on torch's own OpenMP threads where it can find
-# them (`_torch_gomp_parallel`), else both on a Python thread pool (they release the GIL). Used for
+# them (`_torch_openmp`), else both on a Python thread pool (they release the GIL). Used for
 # float32/float64 CPU tensors in eager mode; scripting, tracing, torch.compile, CUDA and half types
 # take `fold` above.
 
-try:
-    from . import _foldkernel
-except ImportError:  # built by setup.py where a compiler is available
-    _foldkernel = None
-
-_POOL: Optional[ThreadPoolExecutor] = None
-_POOL_PID = 0  # a forked child inherits the pool object but not its threads: it makes its own
-_PARALLEL_MIN_MACS = 1 << 20  # below this, thread hand-off costs more than it saves
+_foldkernel = _fold_cpu.kernel  # None where the C extension was not built
 
 
-def _torch_gomp_parallel() -> int:
-    """The address of ``GOMP_parallel`` in the OpenMP runtime that runs torch's intra-op threads, or 0.
-
-    The C kernel splits its work with it, so the fold runs on the threads that just ran the
-    convolution (still spinning, waiting for work) instead of competing with them for the cores.
-    Found among the libraries this process has loaded: the one inside torch's own folders, else
-    the only OpenMP runtime loaded. Anything unexpected gives 0, and the Python pool is used.
-    """
-    if _foldkernel is None or not sys.platform.startswith("linux") or not hasattr(os, "RTLD_NOLOAD"):
-        return 0
+def _torch_openmp() -> int:
+    """``GOMP_parallel`` of the OpenMP runtime behind torch's intra-op threads, or 0 (see _fold_cpu)."""
     try:
         if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
             return 0
-        with open("/proc/self/maps") as maps:
-            loaded = {fields[5] for fields in (line.split(None, 5) for line in maps) if len(fields) == 6}
     except Exception:  # noqa: BLE001 - any surprise here only costs speed
         return 0
-    runtimes = sorted(path.strip() for path in loaded if os.path.basename(path).startswith(("libgomp", "libiomp5")))
-    torch_dir = os.path.dirname(torch.__file__)
-    own = [path for path in runtimes if path.startswith((torch_dir + os.sep, torch_dir + ".libs" + os.sep))]
-    candidates = own or (runtimes if len(runtimes) == 1 else [])
-    if len(candidates) != 1:
-        return 0
-    try:
-        runtime = ctypes.CDLL(candidates[0], mode=os.RTLD_NOLOAD | os.RTLD_LAZY)  # the loaded copy, never a new one
-        return ctypes.cast(runtime.GOMP_parallel, ctypes.c_void_p).value or 0
-    except (OSError, AttributeError):
-        return 0
+    return _fold_cpu.openmp_parallel_address(os.path.dirname(torch.__file__))
 
 
-# True when the C kernel splits its own work on torch's OpenMP threads (else: the Python pool below).
-_GOMP = _foldkernel is not None and _foldkernel.use_gomp_parallel(_torch_gomp_parallel())
+# True when the C kernel splits its work on torch's own OpenMP threads (else: on a Python pool).
+_GOMP = _fold_cpu.use_openmp(_torch_openmp())
 
 
 def _run_parts(work: Callable[[int, int], None], macs: int) -> None:
     """Call ``work(part, parts)`` for every part, in threads when the work is large enough."""
-    global _POOL, _POOL_PID
-    parts = torch.get_num_threads() if macs >= _PARALLEL_MIN_MACS else 1
-    if parts < 2:
-        work(0, 1)
-        return
-    if _POOL is None or _POOL._max_workers < parts or _POOL_PID != os.getpid():
-        _POOL, _POOL_PID = ThreadPoolExecutor(max_workers=parts, thread_name_prefix="doconv-fold"), os.getpid()
-    futures = [_POOL.submit(work, part, parts) for part in range(parts)]
-    for future in futures:
-        future.result()
+    _fold_cpu.run_parts(work, torch.get_num_threads() if macs >= _fold_cpu.PARALLEL_MIN_MACS else 1)
 
 
-def _kernel(name: str, a: Tensor, b: Tensor, out: Tensor, sizes: tuple, n: int, macs: int) -> None:
-    """Run ``_foldkernel.<name>`` over items [0, n), split between threads when the work is large.
-
-    ``sizes`` is (groups, C_in/g, K, D_mul, C_out/g); the addresses are those of contiguous tensors.
-    """
-    function = getattr(_foldkernel, name)
-    head = (a.data_ptr(), b.data_ptr(), out.data_ptr(), a.element_size(), *sizes)
-    if _GOMP:
-        function(*head, 0, n, torch.get_num_threads() if macs >= _PARALLEL_MIN_MACS else 1)
-    else:
-        _run_parts(lambda part, parts: function(*head, *_share(n, part, parts), 1), macs)
+def _kernel(name: str, a: Tensor, b: Tensor, out: Tensor, sizes: tuple, n: int) -> None:
+    """``_fold_cpu.run`` on contiguous tensors; ``sizes`` is (groups, C_in/g, K, D_mul, C_out/g)."""
+    threads = torch.get_num_threads()
+    _fold_cpu.run(name, a.data_ptr(), b.data_ptr(), out.data_ptr(), a.element_size(), sizes, n, threads, _GOMP)
 
 
-def _share(n: int, part: int, parts: int) -> tuple[int, int]:
-    """The [start, stop) of ``part`` when n items are split in ``parts``."""
-    return part * n // parts, (part + 1) * n // parts
+_share = _fold_cpu.share
 
 
 def _grouped(array: np.ndarray, groups: int) -> np.ndarray:
@@ -240,7 +192,7 @@ class _FoldCPU(torch.autograd.Function):
         macs = C_out * C_in_g * K * D_mul
         if _foldkernel is not None:
             D_hat_t = D_hat.detach().transpose(1, 2).contiguous()  # (C_in, D_mul, K): taps innermost
-            _kernel("fold_rows", W, D_hat_t, folded, (groups, C_in_g, K, D_mul, C_out // groups), C_out, macs)
+            _kernel("fold_rows", W, D_hat_t, folded, (groups, C_in_g, K, D_mul, C_out // groups), C_out)
         else:
             # (g, c, o, s) @ (g, c, s, k) -> (g, c, o, k), written into folded's (o, c, k) layout
             Wb = _grouped(W.detach().numpy(), groups).transpose(0, 2, 1, 3)
@@ -271,7 +223,7 @@ class _FoldCPU(torch.autograd.Function):
         if _foldkernel is not None:
             sizes = (groups, C_in_g, K, D_mul, C_out // groups)
             if need_D:
-                _kernel("grad_D_channels", grad, W, grad_D, sizes, C_in_g, macs)
+                _kernel("grad_D_channels", grad, W, grad_D, sizes, C_in_g)
             grad_W = None
             if need_W:
                 workspace = ctx.workspace
@@ -281,7 +233,7 @@ class _FoldCPU(torch.autograd.Function):
                     grad_W = torch.empty(W.shape, dtype=W.dtype)
                     if workspace is not None:
                         workspace.grad_W = grad_W
-                _kernel("grad_W_rows", grad, D_hat, grad_W, sizes, C_out, macs)
+                _kernel("grad_W_rows", grad, D_hat, grad_W, sizes, C_out)
                 grad_W = grad_W.view(W.shape)  # W.grad may take this view; the workspace keeps its own
             return grad_W, grad_D, None, None, None
 

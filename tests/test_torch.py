@@ -142,7 +142,7 @@ def test_fold_kernel_runs_on_torchs_openmp_threads_here():
         pytest.skip("no C kernel, or not Linux")
     if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         pytest.skip("torch does not use OpenMP here")
-    assert adapter._torch_gomp_parallel() != 0 and adapter._GOMP
+    assert adapter._torch_openmp() != 0 and adapter._GOMP
 
 
 @pytest.mark.parametrize("groups,C_in,C_out,D_mul", [(1, 5, 7, 9), (2, 4, 6, 11), (4, 4, 4, 18), (4, 4, 8, 9)])
@@ -166,33 +166,37 @@ def test_cpu_fast_path_equals_the_einsum_fold_values_and_gradients(cpu_path, gro
         torch.testing.assert_close(a, b, **tol)
 
 
-def test_cpu_fast_path_splits_large_folds_across_threads(cpu_path):
-    from doconv import torch as adapter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("groups,C_out", [(2, 128), (1, 130)])
+def test_cpu_fast_path_splits_large_folds_across_threads(cpu_path, dtype, groups, C_out):
+    """Large folds are cut between threads (and, for 3x3/D_mul=9 float32, take the AVX2 kernels:
+    rows in blocks of 4 with a remainder, grad_D in row chunks)."""
+    from doconv import _fold_cpu
 
-    layer = DOConv2d(256, 128, 3, groups=2, dtype=torch.float64)  # 256·64·81·2 MACs: above the split threshold
-    assert 128 * 128 * 81 >= adapter._PARALLEL_MIN_MACS
+    layer = DOConv2d(256, C_out, 3, groups=groups, dtype=dtype)  # > 1 M MACs: above the split threshold
+    assert C_out * (256 // groups) * 81 >= _fold_cpu.PARALLEL_MIN_MACS
     set_params(layer, random_params(layer))
     p = get_params(layer)
     fast = layer.weight
-    assert rel_err(fast.detach().numpy(), core.fold(p["W"], p["D"], 2, (3, 3))) < 1e-10
-    upstream = torch.randn(fast.shape, dtype=torch.float64)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert rel_err(fast.detach().double().numpy(), core.fold(p["W"], p["D"], groups, (3, 3))) < tol
+    upstream = torch.randn(fast.shape, dtype=dtype)
     got = torch.autograd.grad(fast, (layer.W, layer.D), upstream)
     want = torch.autograd.grad(layer._fold(), (layer.W, layer.D), upstream)
     for a, b in zip(got, want):
-        assert rel_err(a.numpy(), b.numpy()) < 1e-10
+        assert rel_err(a.double().numpy(), b.double().numpy()) < tol
 
 
 def test_fold_thread_pool_is_remade_in_another_process(monkeypatch):
     """A forked child inherits the pool object but not its threads: it must not reuse it."""
-    from doconv import torch as adapter
+    from doconv import _fold_cpu
 
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     calls = []
-    adapter._run_parts(lambda part, parts: calls.append(part), adapter._PARALLEL_MIN_MACS)
-    first = adapter._POOL
-    monkeypatch.setattr(adapter, "_POOL_PID", -1)  # as seen from a child process
-    adapter._run_parts(lambda part, parts: calls.append(part), adapter._PARALLEL_MIN_MACS)
-    assert adapter._POOL is not first and sorted(calls) == [0, 0, 1, 1]
+    _fold_cpu.run_parts(lambda part, parts: calls.append(part), 2)
+    first = _fold_cpu._POOL
+    monkeypatch.setattr(_fold_cpu, "_POOL_PID", -1)  # as seen from a child process
+    _fold_cpu.run_parts(lambda part, parts: calls.append(part), 2)
+    assert _fold_cpu._POOL is not first and sorted(calls) == [0, 0, 1, 1]
 
 
 def test_cpu_fast_path_passes_gradcheck(cpu_path):
