@@ -10,8 +10,18 @@ import numpy as np  # noqa: E402
 from mxnet import autograd, gluon, nd  # noqa: E402
 from mxnet.gluon import nn  # noqa: E402
 
-from doconv import core  # noqa: E402
-from doconv.gluon import DOConv2D, convert_model, fuse_model, get_params, set_params  # noqa: E402
+from doconv import _fold_cpu, core  # noqa: E402
+from doconv.gluon import DOConv2D, convert_model, fuse_model, get_params, set_params, use_fold_kernel  # noqa: E402
+
+
+@pytest.fixture(params=["kernel", "mxnet ops"])
+def fold_impl(request):
+    """Fold with doconv's compiled kernel (custom operator "doconv_fold") and with MXNet's own ops."""
+    if request.param == "kernel" and _fold_cpu.kernel is None:
+        pytest.skip("doconv._foldkernel was not built here")
+    was = use_fold_kernel(request.param == "kernel")
+    yield request.param
+    use_fold_kernel(was)
 
 
 def assert_close(actual, expected, rtol=1e-5):
@@ -90,7 +100,7 @@ def make_layer(case, deferred=False, initialize=True):
 
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
 @pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized"])
-def test_output_matches_the_numpy_reference(case, hybridize):
+def test_output_matches_the_numpy_reference(case, hybridize, fold_impl):
     rng = np.random.default_rng(0)
     layer = make_layer(case)
     if hybridize:
@@ -145,7 +155,7 @@ def test_deferred_in_channels(case):
     assert_close(net(nd.array(x)).asnumpy(), reference(net[0], x, params))
 
 
-def test_hybridize_export_and_imports_give_the_same_output(tmp_path):
+def test_hybridize_export_and_imports_give_the_same_output(tmp_path, fold_impl):
     rng = np.random.default_rng(3)
     net = nn.HybridSequential()
     net.add(
@@ -163,6 +173,8 @@ def test_hybridize_export_and_imports_give_the_same_output(tmp_path):
     net.hybridize()
     assert_close(net(x).asnumpy(), expected)
     net.export(str(tmp_path / "net"))
+    graph = (tmp_path / "net-symbol.json").read_text()
+    assert ("doconv_fold" in graph) == (fold_impl == "kernel")  # with MXNet ops: MXNet operators only
     imported = gluon.SymbolBlock.imports(str(tmp_path / "net-symbol.json"), ["data"], str(tmp_path / "net-0000.params"))
     assert_close(imported(x).asnumpy(), expected)
 
@@ -209,7 +221,7 @@ def test_gradients_reach_W_D_and_bias():
             assert float(nd.abs(param.grad()).sum().asscalar()) > 0, param.name
 
 
-def test_gradients_of_W_and_D_match_finite_differences():
+def test_gradients_of_W_and_D_match_finite_differences(fold_impl):
     rng = np.random.default_rng(6)
     layer = DOConv2D(2, (2, 2), in_channels=2, D_mul=5, use_bias=False)
     layer.initialize()
@@ -229,7 +241,56 @@ def test_gradients_of_W_and_D_match_finite_differences():
         assert abs(grad[idx] - numeric) < 1e-6 * max(1.0, abs(numeric))
 
 
-def test_training_with_trainer_reduces_the_loss():
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized"])
+@pytest.mark.parametrize(
+    "C_in,C_out,kernel_size,groups,D_mul",
+    [(5, 7, 3, 1, None), (8, 12, 3, 4, None), (6, 6, 3, 6, None), (4, 6, 3, 2, 11), (6, 4, (1, 3), 2, None)],
+)
+def test_fold_kernel_equals_mxnet_ops_values_and_gradients(dtype, hybridize, C_in, C_out, kernel_size, groups, D_mul):
+    """The custom operator against MXNet's ops: outputs, gradients, gradient accumulation (grad_req
+    'add') and a frozen D (grad_req 'null'). 3x3 with D_mul = 9 in float32 takes the AVX2 kernels."""
+    if _fold_cpu.kernel is None:
+        pytest.skip("doconv._foldkernel was not built here")
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((2, C_in, 7, 6))
+    upstream = rng.standard_normal((2, C_out, 7, 6))  # cut to the output size below
+    results = {}
+    was = use_fold_kernel()
+    try:
+        for impl in ("kernel", "mxnet ops"):
+            use_fold_kernel(impl == "kernel")
+            layer = DOConv2D(C_out, kernel_size, groups=groups, in_channels=C_in, D_mul=D_mul)
+            layer.initialize()
+            layer.cast(dtype)
+            random_params(layer, np.random.default_rng(14))
+            layer.hybridize(hybridize)
+            xs = nd.array(x, dtype=dtype)
+            out = []
+            for grad_req in ("write", "add"):
+                layer.W.grad_req, layer.D.grad_req = grad_req, grad_req
+                for _ in range(2 if grad_req == "add" else 1):  # 'add' sums two backward passes
+                    with autograd.record():
+                        y = layer(xs)
+                    y.backward(nd.array(upstream[:, :, : y.shape[2], : y.shape[3]], dtype=dtype))
+                out += [y.asnumpy(), layer.W.grad().asnumpy(), layer.D.grad().asnumpy()]
+                layer.W.zero_grad()
+                layer.D.zero_grad()
+            layer.D.grad_req = "null"
+            with autograd.record():
+                y = layer(xs)
+            y.backward(nd.ones_like(y))
+            out.append(layer.W.grad().asnumpy())
+            results[impl] = out
+    finally:
+        use_fold_kernel(was)
+    rtol = 1e-10 if dtype == "float64" else 2e-5
+    for got, want in zip(results["kernel"], results["mxnet ops"]):
+        assert_close(got, want, rtol=rtol)
+    assert_close(results["kernel"][4], 2 * results["kernel"][1], rtol=rtol)  # 'add' accumulated twice
+
+
+def test_training_with_trainer_reduces_the_loss(fold_impl):
     rng = np.random.default_rng(7)
     net = nn.HybridSequential()
     net.add(DOConv2D(8, 3, padding=1, activation="relu"), DOConv2D(3, 3, padding=1, D_mul=12))

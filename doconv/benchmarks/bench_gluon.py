@@ -21,8 +21,8 @@ def _parse(argv):
     parser.add_argument("--model", default="resnet18_v1b", help="GluonCV model-zoo name (default resnet18_v1b)")
     parser.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
     parser.add_argument("--size", type=int, default=112, help="input height and width (default 112)")
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per variant and repeat (default 4)")
-    parser.add_argument("--repeats", type=int, default=7, help="repeats; the table shows medians (default 7)")
+    parser.add_argument("--steps", type=int, default=1, help="timed steps per variant and repeat (default 1)")
+    parser.add_argument("--repeats", type=int, default=25, help="repeats; the table shows medians (default 25)")
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run: tiny input, few steps")
     args = parser.parse_args(argv)
     if args.quick:
