@@ -5,8 +5,10 @@ maths of folding and every layout conversion live in :mod:`doconv.core`.
 
 ``DOConv2D`` stores ``W`` (C_out, C_in/g, D_mul), ``D`` (C_in, K, D_mul) and
 ``bias`` in the canonical layout (DESIGN.md, section 2). Its forward pass folds
-W and D into one ordinary kernel with MXNet ops and runs ``Convolution``, so a
-``hybridize()``-d layer or network exports like any other Gluon network.
+W and D into one ordinary kernel and runs ``Convolution``. On CPU the fold is
+doconv's compiled kernel in the custom operator ``doconv_fold`` (an exported
+unfused network loads after ``import doconv.gluon``); elsewhere, or after
+``use_fold_kernel(False)``, it is made of MXNet operators.
 
 Example:
     >>> from mxnet import nd
