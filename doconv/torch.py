@@ -118,20 +118,39 @@ def _grouped(array: np.ndarray, groups: int) -> np.ndarray:
 
 
 class _Workspace:
-    """A layer's folded-kernel and W-gradient buffers, reused from step to step.
+    """A layer's fold buffers (the folded kernel, D + I and its transpose, both gradients), reused
+    from step to step.
 
-    A fresh kernel-sized buffer per step costs a page fault on each of its pages (milliseconds for
-    a large layer, PERF-NOTES). A buffer is overwritten only while nothing else refers to its
-    memory (no graph that saved it, no ``W.grad`` or user reference to it); otherwise a new one is
-    allocated, so reuse never changes what anybody holds.
+    A fresh buffer per step costs page faults on its pages and, for the smaller ones, the
+    allocator's round trips (milliseconds per step over a network, PERF-NOTES). A buffer is
+    overwritten only while nothing else refers to its memory (no graph that saved it, no ``.grad``
+    or user reference to it); otherwise a new one is allocated, so reuse never changes what
+    anybody holds. ``D_hat`` always holds D + I for ``key``, as ``folded`` holds their fold.
     """
 
-    __slots__ = ("key", "folded", "grad_W")
+    __slots__ = ("key", "folded", "D_hat", "D_hat_t", "grad_W", "grad_D")
 
     def __init__(self) -> None:
         self.key: Optional[tuple] = None
         self.folded: Optional[Tensor] = None
+        self.D_hat: Optional[Tensor] = None
+        self.D_hat_t: Optional[Tensor] = None
         self.grad_W: Optional[Tensor] = None
+        self.grad_D: Optional[Tensor] = None
+
+    def buffer(self, name: str, shape: tuple, dtype) -> Tensor:
+        """The named buffer if it fits and nothing else refers to it, else a new one (kept)."""
+        held = getattr(self, name)
+        if _reusable(held, shape, dtype):
+            return held
+        fresh = torch.empty(shape, dtype=dtype)
+        setattr(self, name, fresh)
+        return fresh
+
+
+def _buffer(workspace: Optional[_Workspace], name: str, shape: tuple, dtype) -> Tensor:
+    """``workspace.buffer(...)``, or a new tensor without a workspace."""
+    return torch.empty(shape, dtype=dtype) if workspace is None else workspace.buffer(name, shape, dtype)
 
 
 def _version_key(W: Tensor, D: Tensor) -> tuple:
@@ -176,82 +195,78 @@ class _FoldCPU(torch.autograd.Function):
     """Kernel composition and its gradients on CPU (see the note above)."""
 
     @staticmethod
-    def forward(ctx, W: Tensor, D_hat: Tensor, groups: int, workspace: Optional[_Workspace], key) -> Tensor:
+    def forward(ctx, W: Tensor, D: Tensor, identity: Tensor, groups: int, workspace: Optional[_Workspace], key):
         C_out, C_in_g, D_mul = W.shape
-        K = D_hat.shape[1]
-        ctx.save_for_backward(W, D_hat)
-        ctx.groups = groups
-        ctx.workspace = workspace
+        K = D.shape[1]
         shape = (C_out, C_in_g, K)
-        if workspace is not None and workspace.key == key and workspace.folded is not None:
-            return workspace.folded.view(shape)  # W and D unchanged: the buffer holds their fold
-        if workspace is not None and _reusable(workspace.folded, shape, W.dtype):
-            folded = workspace.folded
+        ctx.groups, ctx.workspace = groups, workspace
+        cached = workspace is not None and workspace.key == key and workspace.folded is not None
+        if cached:  # W and D unchanged: the buffers hold D + I and their fold
+            D_hat = workspace.D_hat
         else:
-            folded = torch.empty(shape, dtype=W.dtype)
-        macs = C_out * C_in_g * K * D_mul
+            if workspace is not None:
+                workspace.key = None  # until the buffers below hold this key's values
+            D_hat = torch.add(D.detach(), identity, out=_buffer(workspace, "D_hat", tuple(D.shape), D.dtype))
+        ctx.save_for_backward(W)
+        ctx.D_hat = D_hat  # held by the graph: the workspace will not overwrite it while the graph lives
+        if cached:
+            return workspace.folded.view(shape)
+        folded = _buffer(workspace, "folded", shape, W.dtype)
         if _foldkernel is not None:
-            D_hat_t = D_hat.detach().transpose(1, 2).contiguous()  # (C_in, D_mul, K): taps innermost
+            D_hat_t = _buffer(workspace, "D_hat_t", (D.shape[0], D_mul, K), D.dtype)
+            D_hat_t.copy_(D_hat.transpose(1, 2))  # (C_in, D_mul, K): taps innermost
             _kernel("fold_rows", W, D_hat_t, folded, (groups, C_in_g, K, D_mul, C_out // groups), C_out)
         else:
             # (g, c, o, s) @ (g, c, s, k) -> (g, c, o, k), written into folded's (o, c, k) layout
             Wb = _grouped(W.detach().numpy(), groups).transpose(0, 2, 1, 3)
-            Db = _grouped(D_hat.detach().numpy(), groups).transpose(0, 1, 3, 2)
+            Db = _grouped(D_hat.numpy(), groups).transpose(0, 1, 3, 2)
             out = _grouped(folded.numpy(), groups).transpose(0, 2, 1, 3)
 
             def work(part: int, parts: int) -> None:
                 c = slice(*_share(C_in_g, part, parts))
                 np.matmul(Wb[:, c], Db[:, c], out=out[:, c])
 
-            _run_parts(work, macs)
+            _run_parts(work, C_out * C_in_g * K * D_mul)
         if workspace is None:
             return folded
-        workspace.key, workspace.folded = key, folded
+        workspace.key = key
         return folded.view(shape)  # a view: the workspace's own tensor never joins a graph
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        W, D_hat = ctx.saved_tensors
-        groups = ctx.groups
+        (W,) = ctx.saved_tensors
+        D_hat, groups, workspace = ctx.D_hat, ctx.groups, ctx.workspace
         C_out, C_in_g, D_mul = W.shape
         K = D_hat.shape[1]
         need_W, need_D = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad = grad.contiguous()
-        macs = C_out * C_in_g * K * D_mul
-        grad_D = torch.empty(D_hat.shape, dtype=D_hat.dtype) if need_D else None
+        # W.grad and D.grad may take these views; the workspace keeps its own tensors
+        grad_W = _buffer(workspace, "grad_W", tuple(W.shape), W.dtype) if need_W else None
+        grad_D = _buffer(workspace, "grad_D", tuple(D_hat.shape), D_hat.dtype) if need_D else None
         if _foldkernel is not None:
             sizes = (groups, C_in_g, K, D_mul, C_out // groups)
             if need_D:
                 _kernel("grad_D_channels", grad, W, grad_D, sizes, C_in_g)
-            grad_W = None
             if need_W:
-                workspace = ctx.workspace
-                if workspace is not None and _reusable(workspace.grad_W, tuple(W.shape), W.dtype):
-                    grad_W = workspace.grad_W
-                else:
-                    grad_W = torch.empty(W.shape, dtype=W.dtype)
-                    if workspace is not None:
-                        workspace.grad_W = grad_W
                 _kernel("grad_W_rows", grad, D_hat, grad_W, sizes, C_out)
-                grad_W = grad_W.view(W.shape)  # W.grad may take this view; the workspace keeps its own
-            return grad_W, grad_D, None, None, None
+        else:
+            Gb = _grouped(grad.numpy(), groups).transpose(0, 2, 1, 3)  # (g, c, o, k)
+            Wb = _grouped(W.detach().numpy(), groups).transpose(0, 2, 1, 3)  # (g, c, o, s)
+            Db = _grouped(D_hat.numpy(), groups)  # (g, c, k, s)
 
-        grad_W = torch.empty(W.shape, dtype=W.dtype) if need_W else None
-        Gb = _grouped(grad.numpy(), groups).transpose(0, 2, 1, 3)  # (g, c, o, k)
-        Wb = _grouped(W.detach().numpy(), groups).transpose(0, 2, 1, 3)  # (g, c, o, s)
-        Db = _grouped(D_hat.detach().numpy(), groups)  # (g, c, k, s)
+            def work(part: int, parts: int) -> None:
+                c = slice(*_share(C_in_g, part, parts))
+                if need_W:
+                    gW = _grouped(grad_W.numpy(), groups).transpose(0, 2, 1, 3)  # (g, c, o, s)
+                    np.matmul(Gb[:, c], Db[:, c], out=gW[:, c])
+                if need_D:
+                    np.matmul(Gb[:, c].transpose(0, 1, 3, 2), Wb[:, c], out=_grouped(grad_D.numpy(), groups)[:, c])
 
-        def work(part: int, parts: int) -> None:
-            c = slice(*_share(C_in_g, part, parts))
-            if need_W:
-                gW = _grouped(grad_W.numpy(), groups).transpose(0, 2, 1, 3)  # (g, c, o, s)
-                np.matmul(Gb[:, c], Db[:, c], out=gW[:, c])
-            if need_D:
-                np.matmul(Gb[:, c].transpose(0, 1, 3, 2), Wb[:, c], out=_grouped(grad_D.numpy(), groups)[:, c])
-
-        _run_parts(work, 2 * macs)
-        return grad_W, grad_D, None, None, None
+            _run_parts(work, 2 * C_out * C_in_g * K * D_mul)
+        grad_W = None if grad_W is None else grad_W.view(W.shape)
+        grad_D = None if grad_D is None else grad_D.view(D_hat.shape)
+        return grad_W, grad_D, None, None, None, None
 
 
 def _fold_fast(
@@ -267,7 +282,8 @@ def _fold_fast(
         return fold(W, D, identity, groups, kernel_shape)
     key = _version_key(W, D)
     # contiguous() is a no-op for parameters; the kernels below rely on it.
-    return _FoldCPU.apply(W.contiguous(), (D + identity).contiguous(), groups, workspace, key).reshape(kernel_shape)
+    folded = _FoldCPU.apply(W.contiguous(), D.contiguous(), identity.to(D.dtype), groups, workspace, key)
+    return folded.reshape(kernel_shape)
 
 
 def _numpy(tensor: Tensor) -> np.ndarray:

@@ -235,16 +235,18 @@ def test_reused_buffers_never_change_what_others_hold(cpu_path, kernel_size, D_m
         want_W, want_D = reference_grads()
         torch.testing.assert_close(W_grad, want_W, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(D_grad, want_D, rtol=1e-10, atol=1e-12)
-        stashed.append((layer.W.grad, layer.W.grad.clone()))  # a user keeping last step's gradient
+        for grad in (layer.W.grad, layer.D.grad):
+            stashed.append((grad, grad.clone()))  # a user keeping last step's gradients
         optimizer.step()
     for held, copy_taken in stashed:
-        assert torch.equal(held, copy_taken)  # later steps did not write into it
+        assert torch.equal(held, copy_taken)  # later steps did not write into them
     # gradients accumulate across backward passes without zero_grad
     layer.zero_grad(set_to_none=True)
     layer(x).sum().backward()
-    once = layer.W.grad.clone()
+    once = layer.W.grad.clone(), layer.D.grad.clone()
     layer(x).sum().backward()
-    torch.testing.assert_close(layer.W.grad, 2 * once)
+    torch.testing.assert_close(layer.W.grad, 2 * once[0])
+    torch.testing.assert_close(layer.D.grad, 2 * once[1])
 
 
 def adapter_fold(W, D, layer):
