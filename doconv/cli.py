@@ -553,6 +553,10 @@ def _cmd_info(args) -> int:
     print("\nfor the demo (pip install 'doconv[demo]'):")
     for name, module in _DEMO_PROBES:
         print(f"  {name.ljust(width)}  {probes[module][1]}")
+    from . import _fold_cpu
+
+    built = "built" if _fold_cpu.kernel is not None else "not built: no C compiler at install (slower training on CPU)"
+    print(f"\nCPU fold kernel (doconv._foldkernel, used by doconv.torch and doconv.gluon): {built}")
     return 0
 
 

@@ -357,6 +357,10 @@ def test_info_lists_frameworks(capsys):
         assert torch.__version__ in torch_line and "doconv.torch" in torch_line
     for name in ("tensorflow", "keras", "jax", "mxnet", "gluoncv", "scikit-learn"):
         assert any(line.strip().startswith(name + " ") for line in stdout.splitlines()), name
+    from doconv import _fold_cpu
+
+    kernel_line = next(line for line in stdout.splitlines() if line.startswith("CPU fold kernel"))
+    assert kernel_line.endswith(": built") == (_fold_cpu.kernel is not None)
 
 
 @needs_torch
