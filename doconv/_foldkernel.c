@@ -10,11 +10,12 @@
  * (C_out, C_in/g, ·) and read or written row after row, in memory order: the per-channel
  * matrix products that a BLAS would batch are strided across the whole tensor, and for large
  * layers those strided passes, not the arithmetic, are what costs (PERF-NOTES). D_hat is
- * small and stays in cache. The caller splits rows (forward, grad_W) or input channels
- * (grad_D) between threads; every function releases the GIL.
+ * small and stays in cache. The work is split by rows (forward, grad_W) or input channels
+ * (grad_D) between threads: on the OpenMP runtime given to use_gomp_parallel, or by the caller
+ * (see `run` below); every function releases the GIL.
  *
- * Arrays are C-contiguous float32 or float64, passed as addresses by doconv/torch.py,
- * which checks shapes, dtypes and contiguity before calling.
+ * Arrays are C-contiguous float32 or float64, passed as addresses by doconv/_fold_cpu.py for
+ * doconv/torch.py and doconv/gluon.py, which check shapes, dtypes and contiguity before calling.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
