@@ -279,37 +279,47 @@ static void job_worker(void *arg) {
     }
 }
 
-/* fold_rows and grad_W_rows: rows [o0, o1) of one output from two inputs. */
-static void fold_range(const struct job *j, Py_ssize_t o0, Py_ssize_t o1) {
+/* True where the AVX2 kernels apply: float32, 3x3 (K = 9) with D_mul = 9, a CPU with AVX2 and FMA. */
+static int fast_9x9(const struct job *j) {
 #ifdef HAVE_AVX2_9X9
-    if (j->itemsize == 4 && j->K == 9 && j->S == 9 && have_avx2()) {
+    return j->itemsize == 4 && j->K == 9 && j->S == 9 && have_avx2();
+#else
+    return 0;
+#endif
+}
+
+/* fold_rows and grad_W_rows: rows [o0, o1) of one output from two inputs. Both are the same 9x9
+ * product on the fast path; the generic bodies differ. */
+typedef void (*rows_f32_t)(const float *, const float *, float *, Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                           Py_ssize_t, Py_ssize_t);
+typedef void (*rows_f64_t)(const double *, const double *, double *, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                           Py_ssize_t, Py_ssize_t, Py_ssize_t);
+
+static void rows_range(const struct job *j, Py_ssize_t o0, Py_ssize_t o1, rows_f32_t f32, rows_f64_t f64) {
+#ifdef HAVE_AVX2_9X9
+    if (fast_9x9(j)) {
         rows9_avx2(j->a, j->b, j->out, j->C_in_g, j->opg, o0, o1);
         return;
     }
 #endif
     if (j->itemsize == 4)
-        fold_rows_f32(j->a, j->b, j->out, j->C_in_g, j->K, j->S, j->opg, o0, o1);
+        f32(j->a, j->b, j->out, j->C_in_g, j->K, j->S, j->opg, o0, o1);
     else
-        fold_rows_f64(j->a, j->b, j->out, j->C_in_g, j->K, j->S, j->opg, o0, o1);
+        f64(j->a, j->b, j->out, j->C_in_g, j->K, j->S, j->opg, o0, o1);
+}
+
+static void fold_range(const struct job *j, Py_ssize_t o0, Py_ssize_t o1) {
+    rows_range(j, o0, o1, fold_rows_f32, fold_rows_f64);
 }
 
 static void grad_W_range(const struct job *j, Py_ssize_t o0, Py_ssize_t o1) {
-#ifdef HAVE_AVX2_9X9
-    if (j->itemsize == 4 && j->K == 9 && j->S == 9 && have_avx2()) {
-        rows9_avx2(j->a, j->b, j->out, j->C_in_g, j->opg, o0, o1);
-        return;
-    }
-#endif
-    if (j->itemsize == 4)
-        grad_W_rows_f32(j->a, j->b, j->out, j->C_in_g, j->K, j->S, j->opg, o0, o1);
-    else
-        grad_W_rows_f64(j->a, j->b, j->out, j->C_in_g, j->K, j->S, j->opg, o0, o1);
+    rows_range(j, o0, o1, grad_W_rows_f32, grad_W_rows_f64);
 }
 
 /* grad_D: in-group channels [c0, c1) of every group. */
 static void grad_D_range(const struct job *j, Py_ssize_t c0, Py_ssize_t c1) {
 #ifdef HAVE_AVX2_9X9
-    if (j->itemsize == 4 && j->K == 9 && j->S == 9 && have_avx2()) {
+    if (fast_9x9(j)) {
         float *partial = malloc((size_t)(c1 - c0) * 88 * sizeof(float));
         if (partial != NULL) {
             grad_D_avx2(j->a, j->b, j->out, j->groups, j->C_in_g, j->opg, c0, c1, partial);
