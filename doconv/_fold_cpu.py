@@ -30,6 +30,11 @@ def share(n: int, part: int, parts: int) -> tuple[int, int]:
     return part * n // parts, (part + 1) * n // parts
 
 
+def parts_for(threads: int, macs: int) -> int:
+    """How many parts to cut ``macs`` multiply-adds in: ``threads``, or 1 for small work."""
+    return threads if macs >= PARALLEL_MIN_MACS else 1
+
+
 def run_parts(work: Callable[[int, int], None], parts: int) -> None:
     """Call ``work(part, parts)`` for every part, on a Python thread pool when parts > 1."""
     global _POOL, _POOL_PID
@@ -50,18 +55,17 @@ def run(name: str, a: int, b: int, out: int, itemsize: int, sizes: tuple, n: int
         name: 'fold_rows', 'grad_W_rows' (n = C_out) or 'grad_D_channels' (n = C_in/g).
         itemsize: 4 (float32) or 8 (float64).
         sizes: (groups, C_in/g, K, D_mul, C_out/g).
-        threads: how many parts to cut the work in (1 below :data:`PARALLEL_MIN_MACS`).
+        threads: how many parts to cut the work in (see :func:`parts_for`).
         openmp: split on the OpenMP runtime given to :func:`use_openmp` (else a Python pool).
     """
     function = getattr(kernel, name)
     groups, C_in_g, K, D_mul, C_out_g = sizes
-    if groups * C_out_g * C_in_g * K * D_mul < PARALLEL_MIN_MACS:
-        threads = 1
+    parts = parts_for(threads, groups * C_out_g * C_in_g * K * D_mul)
     head = (a, b, out, itemsize, *sizes)
     if openmp:
-        function(*head, 0, n, threads)
+        function(*head, 0, n, parts)
     else:
-        run_parts(lambda part, parts: function(*head, *share(n, part, parts), 1), threads)
+        run_parts(lambda part, parts: function(*head, *share(n, part, parts), 1), parts)
 
 
 def openmp_parallel_address(package_dir: str) -> int:

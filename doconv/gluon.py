@@ -75,8 +75,15 @@ def use_fold_kernel(enabled: bool = True) -> bool:
     return _USE_KERNEL
 
 
-def _host_view(array) -> np.ndarray:
-    """A NumPy array on the memory of a CPU NDArray (no copy): the kernels write into it in place."""
+def _on_cpu(array) -> bool:
+    return array.context.device_type == "cpu"
+
+
+def _host(array) -> np.ndarray:
+    """A NumPy array on the memory of a CPU NDArray (no copy: the kernels write into it in place),
+    or a copy of an NDArray elsewhere."""
+    if not _on_cpu(array):
+        return array.asnumpy()
     pointer = ctypes.c_void_p()
     mx.base.check_call(mx.base._LIB.MXNDArrayGetData(array.handle, ctypes.byref(pointer)))
     flat = np.ctypeslib.as_array((_ITEM[np.dtype(array.dtype)] * array.size).from_address(pointer.value))
@@ -90,22 +97,22 @@ class _FoldOp(mx.operator.CustomOp):
         super().__init__()
         self._groups = groups
         self._identity = identity  # (K, D_mul), never a parameter
+        self._threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
     def _run(self, name: str, a: np.ndarray, b: np.ndarray, req: str, target, n: int, W_shape) -> None:
         """One kernel into ``target`` (an NDArray) as ``req`` asks: written in place, or added."""
         if req == "null":
             return
-        cpu = target.context.device_type == "cpu"
-        out = _host_view(target) if cpu and req in ("write", "inplace") else np.empty(target.shape, a.dtype)
+        in_place = _on_cpu(target) and req in ("write", "inplace")
+        out = _host(target) if in_place else np.empty(target.shape, a.dtype)
         C_out, C_in_g, D_mul = W_shape
         sizes = (self._groups, C_in_g, self._identity.shape[0], D_mul, C_out // self._groups)
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        _fold_cpu.run(name, a.ctypes.data, b.ctypes.data, out.ctypes.data, a.itemsize, sizes, n, threads, False)
-        if not (cpu and req in ("write", "inplace")):
+        _fold_cpu.run(name, a.ctypes.data, b.ctypes.data, out.ctypes.data, a.itemsize, sizes, n, self._threads, False)
+        if not in_place:
             self.assign(target, req, nd.array(out, ctx=target.context, dtype=out.dtype))
 
     def _inputs(self, in_data) -> tuple:
-        W, D = (_host_view(x) if x.context.device_type == "cpu" else x.asnumpy() for x in in_data)
+        W, D = (_host(x) for x in in_data)
         return W, D + self._identity.astype(D.dtype, copy=False)  # D_hat, (C_in, K, D_mul)
 
     def forward(self, is_train, req, in_data, out_data, aux):
@@ -115,7 +122,7 @@ class _FoldOp(mx.operator.CustomOp):
 
     def backward(self, req, out_grad, in_data, out_data, in_grad, aux):
         W, D_hat = self._inputs(in_data)
-        G = _host_view(out_grad[0]) if out_grad[0].context.device_type == "cpu" else out_grad[0].asnumpy()
+        G = _host(out_grad[0])
         self._run("grad_D_channels", G, W, req[1], in_grad[1], W.shape[1], W.shape)
         self._run("grad_W_rows", G, D_hat, req[0], in_grad[0], W.shape[0], W.shape)
 

@@ -100,7 +100,7 @@ _GOMP = _fold_cpu.use_openmp(_torch_openmp())
 
 def _run_parts(work: Callable[[int, int], None], macs: int) -> None:
     """Call ``work(part, parts)`` for every part, in threads when the work is large enough."""
-    _fold_cpu.run_parts(work, torch.get_num_threads() if macs >= _fold_cpu.PARALLEL_MIN_MACS else 1)
+    _fold_cpu.run_parts(work, _fold_cpu.parts_for(torch.get_num_threads(), macs))
 
 
 def _kernel(name: str, a: Tensor, b: Tensor, out: Tensor, sizes: tuple, n: int) -> None:
