@@ -37,7 +37,15 @@ mx = require("mxnet", "doconv.gluon", "gluon", "MXNet")
 from mxnet import gluon, nd, symbol  # noqa: E402
 from mxnet.gluon import nn  # noqa: E402
 
-__all__ = ["DOConv2D", "convert_model", "fuse_model", "get_params", "set_params", "use_fold_kernel"]
+__all__ = [
+    "DOConv2D",
+    "convert_model",
+    "fold_kernel_in_use",
+    "fuse_model",
+    "get_params",
+    "set_params",
+    "use_fold_kernel",
+]
 
 _RANK = 2
 
@@ -72,6 +80,11 @@ def use_fold_kernel(enabled: bool = True) -> bool:
     """
     global _USE_KERNEL
     _USE_KERNEL = bool(enabled) and _fold_cpu.kernel is not None
+    return _USE_KERNEL
+
+
+def fold_kernel_in_use() -> bool:
+    """Whether DOConv2D layers fold on CPU with doconv's compiled kernel (see :func:`use_fold_kernel`)."""
     return _USE_KERNEL
 
 

@@ -11,7 +11,15 @@ from mxnet import autograd, gluon, nd  # noqa: E402
 from mxnet.gluon import nn  # noqa: E402
 
 from doconv import _fold_cpu, core  # noqa: E402
-from doconv.gluon import DOConv2D, convert_model, fuse_model, get_params, set_params, use_fold_kernel  # noqa: E402
+from doconv.gluon import (  # noqa: E402
+    DOConv2D,
+    convert_model,
+    fold_kernel_in_use,
+    fuse_model,
+    get_params,
+    set_params,
+    use_fold_kernel,
+)
 
 
 @pytest.fixture(params=["kernel", "mxnet ops"])
@@ -19,7 +27,8 @@ def fold_impl(request):
     """Fold with doconv's compiled kernel (custom operator "doconv_fold") and with MXNet's own ops."""
     if request.param == "kernel" and _fold_cpu.kernel is None:
         pytest.skip("doconv._foldkernel was not built here")
-    was = use_fold_kernel(request.param == "kernel")
+    was = fold_kernel_in_use()
+    use_fold_kernel(request.param == "kernel")
     yield request.param
     use_fold_kernel(was)
 
@@ -256,7 +265,7 @@ def test_fold_kernel_equals_mxnet_ops_values_and_gradients(dtype, hybridize, C_i
     x = rng.standard_normal((2, C_in, 7, 6))
     upstream = rng.standard_normal((2, C_out, 7, 6))  # cut to the output size below
     results = {}
-    was = use_fold_kernel()
+    was = fold_kernel_in_use()
     try:
         for impl in ("kernel", "mxnet ops"):
             use_fold_kernel(impl == "kernel")
@@ -707,3 +716,16 @@ def test_benchmark_quick_prints_a_table(capsys):
     assert bench_gluon.main(["--quick"]) == 0
     out = capsys.readouterr().out
     assert "| train     | DO-Conv / Conv2D" in out and "| inference | fused / Conv2D" in out
+    was = fold_kernel_in_use()
+    assert bench_gluon.main(["--quick", "--mxnet-ops"]) == 0
+    assert "fold: MXNet ops" in capsys.readouterr().out
+    assert fold_kernel_in_use() == was  # the setting is restored
+
+
+def test_use_fold_kernel_switches_and_reports():
+    was = fold_kernel_in_use()
+    try:
+        assert use_fold_kernel(False) is False and fold_kernel_in_use() is False
+        assert use_fold_kernel(True) is (_fold_cpu.kernel is not None) is fold_kernel_in_use()
+    finally:
+        use_fold_kernel(was)

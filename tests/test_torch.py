@@ -671,3 +671,9 @@ def test_benchmark_program_prints_its_ratio_table(capsys):
     assert "(DO-Conv - native - D = 0 B;" in out
     share = float(out.split("training step: ")[1].split(" %")[0])
     assert 0 < share < 100
+    # five passes over the folded layers' W: the quick net's 3x3 layers, in bytes
+    from doconv.torch import convert_model
+
+    quick = convert_model(bench_torch.resnet18_style(width=bench_torch._sizes(True)["width"]))
+    kernel_mb = sum(4 * m.W.numel() for m in quick.modules() if getattr(m, "D", None) is not None) / 1e6
+    assert f"fold memory-traffic floor: {5 * kernel_mb:.0f} MB per step at " in out

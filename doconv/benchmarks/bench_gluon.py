@@ -24,6 +24,9 @@ def _parse(argv):
     parser.add_argument("--steps", type=int, default=1, help="timed steps per variant and repeat (default 1)")
     parser.add_argument("--repeats", type=int, default=25, help="repeats; the table shows medians (default 25)")
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run: tiny input, few steps")
+    parser.add_argument(
+        "--mxnet-ops", action="store_true", help="fold with MXNet's own operators instead of doconv's C kernel"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.batch, args.size, args.steps, args.repeats = 2, 32, 1, 2
@@ -131,11 +134,19 @@ def main(argv=None) -> int:
     Example:
         ``python benchmarks/bench_gluon.py --quick``
     """
+    from doconv.gluon import fold_kernel_in_use, use_fold_kernel
+
     args = _parse(argv)
-    rows = measure(args)
+    was = fold_kernel_in_use()
+    kernel = use_fold_kernel(not args.mxnet_ops)
+    try:
+        rows = measure(args)
+    finally:
+        use_fold_kernel(was)
+    fold = "C kernel" if kernel else "MXNet ops"
     print(
         f"doconv.gluon benchmark: {args.model}, batch {args.batch}, {args.size}x{args.size}, hybridized, "
-        f"{args.repeats} repeats x {args.steps} steps, median of per-repeat ratios"
+        f"{args.repeats} repeats x {args.steps} steps, fold: {fold}, median of per-repeat ratios"
     )
     header = f"| {'mode':<9} | {'comparison':<27} | {'ratio':>6} | {'range':>13} | {'Conv2D ms/step':>14} |"
     print(header)

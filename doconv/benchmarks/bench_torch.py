@@ -314,6 +314,29 @@ def fold_share(quick: bool = False, steps: int = 3) -> float:
     return fold / total
 
 
+def fold_traffic_floor(quick: bool = False) -> tuple[float, float]:
+    """The memory traffic a DO-Conv training step adds to the native one, and this machine's speed for it.
+
+    Per step the fold must read W and write the folded kernel, then read the kernel's gradient and
+    W again and write W's gradient: five passes over kernel-sized tensors (all the fold's layers of
+    the ResNet-18-style net), whatever the kernels' arithmetic. The bandwidth is that of summing a
+    tensor larger than the caches (the median of five reads).
+
+    Returns:
+        (bytes moved per step, bytes per second).
+    """
+    sizes = _sizes(quick)
+    model = convert_model(resnet18_style(width=sizes["width"]))
+    kernel_bytes = sum(m.W.numel() * m.W.element_size() for m in model.modules() if getattr(m, "D", None) is not None)
+    probe = torch.ones((2 << 20) if quick else (50 << 20))  # 8 MB quick, else 200 MB
+    seconds = []
+    for _ in range(5):
+        start = time.perf_counter()
+        probe.sum()
+        seconds.append(time.perf_counter() - start)
+    return 5.0 * kernel_bytes, probe.numel() * probe.element_size() / statistics.median(seconds)
+
+
 def _named(native: nn.Module, control: nn.Module, doconv: nn.Module) -> dict[str, nn.Module]:
     return {"native": native, "control": control, "doconv": doconv}
 
@@ -350,7 +373,9 @@ def main(argv: list[str] | None = None) -> int:
         "--numpy-fold", action="store_true", help="measure the NumPy fallback instead of the C fold kernel"
     )
     parser.add_argument(
-        "--profile", action="store_true", help="also print the fold's share of a training step (torch.profiler)"
+        "--profile",
+        action="store_true",
+        help="also print the fold's share of a training step (torch.profiler) and its memory-traffic floor",
     )
     args = parser.parse_args(argv)
     if args.numpy_fold:
@@ -372,6 +397,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile and not args.device.startswith("cuda"):
         share = fold_share(quick=args.quick)
         print(f"fold (forward + backward) share of a DO-Conv ResNet-18-style training step: {100 * share:.1f} %")
+        moved, bandwidth = fold_traffic_floor(quick=args.quick)
+        floor_ms, native_ms = 1e3 * moved / bandwidth, rows[0]["native_ms"]
+        print(
+            f"fold memory-traffic floor: {moved / 1e6:.0f} MB per step at {bandwidth / 1e9:.1f} GB/s = "
+            f"{floor_ms:.1f} ms, {100 * floor_ms / native_ms:.1f} % of the native step ({native_ms:.1f} ms)"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
