@@ -145,8 +145,8 @@ DEFINE_KERNELS(double, f64)
 #include <immintrin.h>
 #define HAVE_AVX2_9X9 1
 /* float32 kernels for 3x3 kernels with D_mul = 9, the default and by far the commonest case, with
- * AVX2 and FMA. The generic bodies above reach ~3 multiply-adds per cycle there; these keep their
- * sums in registers and reach several times that (bench_torch's fold lines).
+ * AVX2 and FMA. The generic bodies above leave the 9-wide rows to the compiler; these keep their
+ * sums in registers and share each loaded row of the small matrix between several rows of W or G.
  *
  * A row of 9 = 8 lanes + 1: each product row is one vector for columns 0..7 and a scalar for
  * column 8, computed with scalar FMAs on the low lane of the same broadcasts. */
@@ -253,8 +253,8 @@ static int have_avx2(void) { return __builtin_cpu_supports("avx2") && __builtin_
 /* Splitting the work between threads. doconv/torch.py hands over the address of GOMP_parallel from
  * the OpenMP runtime that torch itself uses: its threads are the ones that just ran the convolution
  * and are still spinning, waiting for work. Threads of our own would compete with those spinning
- * threads for the same cores (measured: ~8 % of a 512x512 layer's training step on 2 cores). Without
- * that address (another torch build, no OpenMP), every part runs in the calling thread and the
+ * threads for the same cores, and on 2 cores that showed in bench_torch's training ratios.
+ * Without that address (another torch build, no OpenMP), every part runs in the calling thread and the
  * caller splits the work between threads of its own. */
 typedef void (*gomp_parallel_t)(void (*)(void *), void *, unsigned, unsigned);
 static gomp_parallel_t gomp_parallel = NULL;

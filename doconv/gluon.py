@@ -52,14 +52,14 @@ _RANK = 2
 
 # -- the fold as one operator on CPU --------------------------------------------------------------
 #
-# MXNet's batched products (linalg.gemm2, batch_dot) fold a 512x512 3x3 layer in 60-120 ms forward
-# and backward on 2 cores, against ~1 s for a whole resnet18_v1b training step at batch 16: a 1.2x
-# slower step. doconv._foldkernel, which doconv.torch uses too, takes ~9 ms for it here, operator
-# overhead included (both measured side by side, calling `_kernel` under autograd). It runs inside a
-# custom operator ("doconv_fold"), which MXNet calls with the inputs ready and the outputs allocated,
-# and which reads and writes their memory in place. A network exported unfused then names that
-# operator: loading it needs `import doconv.gluon` first (as for any custom operator); `fuse_model`
-# before `export` gives a plain network, and `use_fold_kernel(False)` folds with MXNet ops instead.
+# MXNet's batched products (linalg.gemm2, batch_dot) are slow for the fold's tiny per-channel
+# matrices: a resnet18_v1b training step at batch 16 is 1.13x the native one with them and ~1.00x
+# with doconv._foldkernel, which doconv.torch uses too (`bench_gluon.py` with and without
+# `--mxnet-ops`). The kernel runs here inside a custom operator ("doconv_fold"), which MXNet calls
+# with the inputs ready and the outputs allocated, and which reads and writes their memory in place.
+# A network exported unfused then names that operator: loading it needs `import doconv.gluon` first
+# (as for any custom operator); `fuse_model` before `export` gives a plain network, and
+# `use_fold_kernel(False)` folds with MXNet ops instead.
 
 _USE_KERNEL = _fold_cpu.kernel is not None
 _ITEM = {np.dtype(np.float32): ctypes.c_float, np.dtype(np.float64): ctypes.c_double}
