@@ -31,7 +31,18 @@ nn = torch.nn
 F = torch.nn.functional
 Tensor = torch.Tensor
 
-__all__ = ["DOConv1d", "DOConv2d", "DOConv3d", "convert_model", "fuse_model", "get_params", "set_params"]
+__all__ = [
+    "DOConv1d",
+    "DOConv2d",
+    "DOConv3d",
+    "compose_features",
+    "convert_model",
+    "feature_composition_in_use",
+    "fuse_model",
+    "get_params",
+    "set_params",
+    "use_feature_composition",
+]
 
 _NATIVE = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -286,6 +297,97 @@ def _fold_fast(
     return folded.reshape(kernel_shape)
 
 
+# -- feature composition, where a batch has few output positions ----------------------------------
+#
+# Folding costs the same whatever the batch and image size; feature composition costs in proportion
+# to the output positions (docs/maths.rst). In the last stages of a network on small images (a
+# ResNet's 512-channel layers at 2x2) a batch has far fewer positions than the kernel has entries,
+# and applying D_hat to the input patches and then W as one matrix product skips the fold's passes
+# over W, the folded kernel and their gradients. `core.training_composition` picks the order per
+# batch; autograd differentiates the torch ops below. Eager CPU float32/float64 training only: CUDA,
+# autocast, scripting, tracing and torch.compile fold (`fold` above). `use_feature_composition(False)`
+# folds everywhere.
+
+_FEATURES = True
+
+
+def use_feature_composition(enabled: bool) -> bool:
+    """Let DOConv2d train by feature composition where it is the cheaper order (the default).
+
+    Both orders give the same outputs and gradients up to rounding (docs/maths.rst). Turn it off
+    to fold in every training step, e.g. to compare the two.
+
+    Args:
+        enabled: True (the default setting) or False.
+
+    Returns:
+        The new setting.
+
+    Raises:
+        TypeError: ``enabled`` is not a bool.
+
+    Example:
+        >>> use_feature_composition(False)
+        False
+        >>> use_feature_composition(True)
+        True
+    """
+    global _FEATURES
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be True or False. Received: enabled={enabled!r}")
+    _FEATURES = enabled
+    return _FEATURES
+
+
+def feature_composition_in_use() -> bool:
+    """The current setting of :func:`use_feature_composition`."""
+    return _FEATURES
+
+
+def compose_features(
+    x: Tensor,
+    W: Tensor,
+    D: Tensor,
+    identity: Tensor,
+    bias: Optional[Tensor],
+    kernel_size: tuple,
+    stride: tuple,
+    dilation: tuple,
+    padding: tuple,
+    groups: int,
+) -> Tensor:
+    """A 2-d DO-Conv layer's output by feature composition (docs/maths.rst), in differentiable torch ops.
+
+    Args:
+        x: ``(N, C_in, H, W)``, zero-padded by ``padding`` (ints per dimension) inside.
+        W, D, identity, bias: the layer's (``identity`` in D's dtype).
+        kernel_size, stride, dilation: pairs of ints.
+        padding: a pair of ints (symmetric zero padding).
+        groups: number of groups.
+
+    Returns:
+        ``(N, C_out, H_out, W_out)``, in x's memory format (contiguous or channels_last).
+    """
+    N, C_in = x.shape[0], x.shape[1]
+    C_out, C_in_g, D_mul = W.shape
+    K = D.shape[1]
+    patches = F.unfold(x, kernel_size, dilation, padding, stride)  # (N, C_in·K, L)
+    H_out, W_out = core.output_shape(x.shape[2:], kernel_size, stride, dilation, padding)
+    positions = N * H_out * W_out
+    # Every input channel's taps as the rows of one matrix: (C_in, K, N·L).
+    taps = patches.view(N, C_in, K, H_out * W_out).permute(1, 2, 0, 3).reshape(C_in, K, positions)
+    features = torch.bmm((D + identity).transpose(1, 2), taps)  # the depthwise step: (C_in, D_mul, N·L)
+    # Group gi's rows of W meet the features of its own C_in/g channels (DESIGN.md, i(o, c)).
+    y = torch.bmm(W.reshape(groups, C_out // groups, C_in_g * D_mul), features.view(groups, C_in_g * D_mul, positions))
+    y = y.view(C_out, N, H_out, W_out)
+    if bias is not None:
+        y = y + bias.view(C_out, 1, 1, 1)
+    # nn.Conv2d answers a channels_last input in channels_last.
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return y.permute(1, 0, 2, 3).contiguous(memory_format=layout)
+
+
 def _numpy(tensor: Tensor) -> np.ndarray:
     """A CPU NumPy copy; half and bfloat16 go through float32 (exactly)."""
     tensor = tensor.detach().cpu()
@@ -493,9 +595,55 @@ class _DOConvNd(nn.Module):
             return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
         return F.conv3d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
+    def _composes_features(self, x: Tensor) -> bool:
+        """True where this training batch is cheaper by feature composition (see the note above it)."""
+        D = self.D
+        if not _FEATURES or self._rank != 2 or D is None or torch.compiler.is_compiling():
+            return False
+        if not torch.is_grad_enabled() or not (self.W.requires_grad or D.requires_grad):
+            return False  # without gradients the folded kernel is cached: nothing left to save
+        dtype = self.W.dtype
+        if x.device.type != "cpu" or dtype not in (torch.float32, torch.float64) or x.dtype != dtype:
+            return False
+        if D.dtype != dtype or torch.is_autocast_enabled("cpu"):
+            return False
+        left, right, top, bottom = self._reversed_padding
+        spatial = (x.shape[-2] + top + bottom, x.shape[-1] + left + right)
+        span = core.effective_kernel_size(self.kernel_size, self.dilation)
+        if any(n < e for n, e in zip(spatial, span)):
+            return False  # too small: the native convolution says so
+        out = [(n - e) // s + 1 for n, e, s in zip(spatial, span, self.stride)]
+        positions = (x.shape[0] if x.dim() == 4 else 1) * out[0] * out[1]
+        K, choice = D.shape[1], core.training_composition
+        return choice(positions, self.in_channels, self.out_channels, self.groups, K, self.D_mul) == "feature"
+
+    def _compose_features(self, x: Tensor) -> Tensor:
+        """The forward pass by :func:`compose_features`, padding as the layer pads."""
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x = F.pad(x, self._reversed_padding, mode=mode)
+            padding = self._no_padding
+        else:
+            padding = self.padding
+        identity = self.identity.to(self.D.dtype)
+        args = (self.kernel_size, self.stride, self.dilation, padding, self.groups)
+        y = compose_features(x, self.W, self.D, identity, self.bias, *args)
+        return y.squeeze(0) if unbatched else y
+
+    @torch.jit.unused
+    def _forward_eager(self, x):  # unannotated: TorchScript reads an unused method's signature unresolved
+        if self._composes_features(x):
+            return self._compose_features(x)
+        return self._conv(x, self._kernel(), self.bias)
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        return self._conv(x, self._kernel(), self.bias)
+        if torch.jit.is_scripting() or torch.jit.is_tracing():
+            return self._conv(x, self._kernel(), self.bias)
+        return self._forward_eager(x)
 
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"

@@ -43,12 +43,22 @@ from .layouts import (
     kernel_to_gluon,
     kernel_to_keras,
 )
-from .maths import embed_kernel, fold, identity, in_channel_index, reference_pytorch_in_channel_index
+from .maths import (
+    FEATURE_COMPOSITION_MARGIN,
+    composition_macs,
+    embed_kernel,
+    fold,
+    identity,
+    in_channel_index,
+    reference_pytorch_in_channel_index,
+    training_composition,
+)
 from .reference import conv_reference, doconv_reference, extract_patches
 
 __all__ = [
     "CHANNELS_FIRST",
     "CHANNELS_LAST",
+    "FEATURE_COMPOSITION_MARGIN",
     "PADDING_MODES",
     "D_from_keras",
     "D_to_keras",
@@ -58,6 +68,7 @@ __all__ = [
     "check_int",
     "check_padding_mode",
     "check_stride_dilation",
+    "composition_macs",
     "conv_reference",
     "doconv_reference",
     "effective_kernel_size",
@@ -82,4 +93,5 @@ __all__ = [
     "reference_pytorch_in_channel_index",
     "resolve_D_mul",
     "same_padding",
+    "training_composition",
 ]

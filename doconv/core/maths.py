@@ -176,3 +176,58 @@ def reference_pytorch_in_channel_index(out_channels: int, in_channels: int, grou
     C_in_g = in_channels // groups
     flat = np.arange(out_channels)[:, None] * C_in_g + np.arange(C_in_g)[None, :]
     return flat % in_channels
+
+
+def composition_macs(
+    positions: int, in_channels: int, out_channels: int, groups: int, K: int, D_mul: int
+) -> tuple[int, int]:
+    """Multiply-adds each composition adds to the plain convolution's, per forward pass.
+
+    Kernel composition folds once: ``C_out·(C_in/g)·K·D_mul``, whatever the input size.
+    Feature composition pays at every output position: the depthwise step
+    ``C_in·K·D_mul``, and ``C_out·(C_in/g)·(D_mul - K)`` for W's columns beyond the K taps
+    (docs/maths.rst, "What each order costs"). The backward pass costs each twice its forward.
+
+    Args:
+        positions: output positions of the whole batch (batch size times output pixels).
+        in_channels, out_channels, groups: the layer's.
+        K: taps of the kernel; D_mul: depth multiplier (>= K).
+
+    Returns:
+        ``(kernel composition, feature composition)``.
+
+    Example:
+        >>> composition_macs(64, 512, 512, 1, 9, 9)
+        (21233664, 2654208)
+    """
+    C_in_g = in_channels // groups
+    kernel = out_channels * C_in_g * K * D_mul
+    feature = positions * (in_channels * K * D_mul + out_channels * C_in_g * (D_mul - K))
+    return kernel, feature
+
+
+# Feature composition trains faster only well below the break-even point: its depthwise step is
+# many small products (one per input channel) where the fold is one pass. Measured per training
+# step on 3x3 layers with D_mul = 9 (torch, CPU, 2 threads): at an eighth of the fold's multiply-adds
+# it took a third to a half of the folding layer's time, at a half about 0.9 of it, and from three
+# quarters up about as long or longer.
+FEATURE_COMPOSITION_MARGIN = 2
+
+
+def training_composition(positions: int, in_channels: int, out_channels: int, groups: int, K: int, D_mul: int) -> str:
+    """``'feature'`` where composing the features costs at most half of folding, else ``'kernel'``.
+
+    Both give the same output (docs/maths.rst); this only picks the cheaper order for a batch.
+    Feature composition wins where few output positions share a large kernel: the last stages
+    of a network on small images.
+
+    Example:
+        >>> training_composition(16 * 2 * 2, 512, 512, 1, 9, 9)
+        'feature'
+        >>> training_composition(16 * 16 * 16, 64, 64, 1, 9, 9)
+        'kernel'
+    """
+    if K <= 1 or positions <= 0:
+        return "kernel"
+    kernel, feature = composition_macs(positions, in_channels, out_channels, groups, K, D_mul)
+    return "feature" if FEATURE_COMPOSITION_MARGIN * feature <= kernel else "kernel"
