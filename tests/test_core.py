@@ -204,6 +204,28 @@ def test_kernel_and_feature_composition_agree(case):
     assert rel_err(plain, by_kernel) < RTOL64
 
 
+def test_composition_macs_count_what_each_order_adds():
+    # folding: one product per (o, c, k, s); features: per position the depthwise step (C_in·K·D_mul)
+    # and W's D_mul - K columns beyond the taps (C_out·C_in/g of them each)
+    assert core.composition_macs(1, 4, 6, 2, 9, 11) == (6 * 2 * 9 * 11, 4 * 9 * 11 + 6 * 2 * 2)
+    assert core.composition_macs(10, 4, 6, 2, 9, 9) == (6 * 2 * 9 * 9, 10 * 4 * 9 * 9)
+
+
+def test_training_composition_picks_features_only_well_below_break_even():
+    kernel, per_position = core.composition_macs(1, 512, 512, 1, 9, 9)
+    edge = kernel // (core.FEATURE_COMPOSITION_MARGIN * per_position)
+    assert edge == 256  # 16 images of 4x4 positions
+    assert core.training_composition(edge, 512, 512, 1, 9, 9) == "feature"
+    assert core.training_composition(edge + 1, 512, 512, 1, 9, 9) == "kernel"
+    # groups shrink the fold, not the depthwise step: depthwise layers always fold
+    assert core.training_composition(1, 64, 64, 64, 9, 9) == "kernel"
+    # a deeper D_mul makes W's step dearer than the plain kernel's
+    assert core.training_composition(edge, 512, 512, 1, 9, 18) == "kernel"
+    # nothing to compose (1x1) or no positions
+    assert core.training_composition(1, 512, 512, 1, 1, 1) == "kernel"
+    assert core.training_composition(0, 512, 512, 1, 9, 9) == "kernel"
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.integers(1, 3), st.integers(1, 3), st.integers(0, 12), st.integers(0, 2**31))
 def test_at_zero_offset_the_fold_sums_W_over_the_identity_tiles(m, n, extra, seed):

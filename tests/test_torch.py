@@ -17,9 +17,11 @@ from doconv.torch import (  # noqa: E402
     DOConv2d,
     DOConv3d,
     convert_model,
+    feature_composition_in_use,
     fuse_model,
     get_params,
     set_params,
+    use_feature_composition,
 )
 
 torch.set_num_threads(2)
@@ -300,6 +302,119 @@ def test_training_step_never_uses_a_stale_kernel():
         torch.testing.assert_close(y, layer.fuse()(x))
         y.square().mean().backward()
         optimizer.step()
+
+
+# --- feature composition, for batches with few output positions -----------------------------------
+
+
+@pytest.fixture
+def composition():
+    """Restores use_feature_composition's setting after the test."""
+    before = feature_composition_in_use()
+    yield
+    use_feature_composition(before)
+
+
+FEATURE_CASES = [
+    # in, out, kernel, stride, padding, dilation, groups, bias, padding_mode, D_mul, input (N or None, H, W)
+    (16, 64, 3, 1, 1, 1, 1, True, "zeros", None, (4, 2, 2)),
+    (16, 64, 3, 2, 1, 1, 2, False, "zeros", None, (1, 3, 3)),
+    (8, 128, (3, 2), 1, "same", (1, 2), 4, True, "zeros", None, (1, 2, 3)),
+    (8, 64, 3, 1, 1, 1, 1, True, "reflect", None, (1, 2, 2)),
+    (8, 64, 3, 1, (1, 0), 1, 1, True, "circular", 12, (1, 2, 3)),
+    (8, 64, 3, 1, "valid", 1, 1, True, "zeros", None, (2, 3, 4)),
+    (8, 64, 3, 1, 1, 1, 1, False, "zeros", None, (None, 2, 2)),  # unbatched
+]
+
+
+@pytest.mark.parametrize(
+    "case,channels_last",
+    [(case, False) for case in FEATURE_CASES] + [(case, True) for case in FEATURE_CASES if case[-1][0] is not None],
+)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+def test_feature_composition_equals_folding_values_and_gradients(composition, case, channels_last, dtype, tol):
+    C_in, C_out, ks, stride, padding, dilation, groups, bias, mode, D_mul, (N, H, W) = case
+    layer = DOConv2d(C_in, C_out, ks, stride, padding, dilation, groups, bias, mode, dtype=dtype, D_mul=D_mul)
+    set_params(layer, random_params(layer))
+    x0 = torch.randn(((N,) if N else ()) + (C_in, H, W), dtype=dtype, generator=torch.Generator().manual_seed(1))
+    if channels_last:
+        x0 = x0.to(memory_format=torch.channels_last)
+    assert layer._composes_features(x0)
+
+    def run(features):
+        use_feature_composition(features)
+        layer.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_(True)
+        y = layer(x)
+        # a weighting that differs per element, so that every gradient entry is checked
+        (y * torch.linspace(-1, 2, y.numel(), dtype=dtype).reshape(y.shape)).sum().backward()
+        grads = [x.grad] + [p.grad for p in (layer.W, layer.D, layer.bias) if p is not None]
+        return y.detach(), grads
+
+    y_feature, grads_feature = run(True)
+    assert layer._workspace.folded is None  # the fold never ran
+    y_kernel, grads_kernel = run(False)
+    assert layer._workspace.folded is not None
+    assert y_feature.dtype == dtype and y_feature.shape == y_kernel.shape
+    for layout in (torch.contiguous_format, torch.channels_last):  # nn.Conv2d's output layout
+        assert y_feature.is_contiguous(memory_format=layout) == y_kernel.is_contiguous(memory_format=layout)
+    for got, want in zip([y_feature] + grads_feature, [y_kernel] + grads_kernel):
+        assert rel_err(got, want) < tol
+    if dtype == torch.float64:  # and both against the NumPy oracle
+        p = get_params(layer)
+        x = x0.numpy() if N else x0.numpy()[None]
+        want = core.doconv_reference(x, p["W"], p["D"], p["bias"], ks, stride, padding, dilation, groups, mode)
+        assert rel_err(y_feature.numpy() if N else y_feature.numpy()[None], want) < 1e-10
+
+
+def test_feature_composition_only_in_eager_cpu_training_where_cheaper(composition):
+    layer = DOConv2d(64, 256, 3, padding=1)
+    few, many = torch.randn(2, 64, 2, 2), torch.randn(2, 64, 16, 16)
+    assert layer._composes_features(few)
+    assert not layer._composes_features(many)  # 512 positions: folding is cheaper
+    with torch.no_grad():
+        assert not layer._composes_features(few)  # no gradients: the cached fold costs nothing
+    layer.requires_grad_(False)
+    assert not layer._composes_features(few)
+    layer.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not layer._composes_features(few)
+    assert not copy.deepcopy(layer).to(torch.bfloat16)._composes_features(few.bfloat16())
+    assert not layer._composes_features(few.double())  # the layer is float32
+    assert not DOConv2d(64, 256, 1)._composes_features(few)  # 1x1: no D, nothing to compose
+    assert not DOConv1d(64, 256, 3, padding=1)._composes_features(torch.randn(2, 64, 2))
+    unpadded = DOConv2d(64, 256, 3)
+    assert not unpadded._composes_features(few)  # smaller than the kernel: the native conv's error
+    with pytest.raises(RuntimeError):
+        unpadded(few)
+    assert use_feature_composition(False) is False and feature_composition_in_use() is False
+    assert not layer._composes_features(few)
+    with pytest.raises(TypeError, match="enabled must be True or False. Received: enabled='yes'"):
+        use_feature_composition("yes")
+    assert feature_composition_in_use() is False
+
+
+def test_feature_composition_trains_like_folding(composition):
+    """Three SGD steps of a small network whose last layer composes features: the same parameters."""
+    torch.manual_seed(0)
+    net = nn.Sequential(DOConv2d(3, 16, 3, 2, 1), nn.ReLU(), DOConv2d(16, 128, 3, 2, 1), nn.Flatten(), nn.LazyLinear(3))
+    net = net.double()
+    x, target = torch.randn(4, 3, 4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
+    net(x)
+    assert not net[0]._composes_features(x) and net[2]._composes_features(net[1](net[0](x)))
+    results = []
+    for features in (True, False):
+        use_feature_composition(features)
+        trained = copy.deepcopy(net)
+        optimizer = torch.optim.SGD(trained.parameters(), lr=0.1, momentum=0.9)
+        for _ in range(3):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(trained(x), target).backward()
+            optimizer.step()
+        results.append(trained.state_dict())
+    for key, value in results[0].items():
+        torch.testing.assert_close(value, results[1][key], rtol=1e-10, atol=1e-12)
+    assert not torch.equal(results[0]["2.D"], net.state_dict()["2.D"])  # D really trained
 
 
 # --- from_conv, state_dict loading, fuse ------------------------------------------------------
@@ -665,15 +780,23 @@ def test_benchmark_program_prints_its_ratio_table(capsys):
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
-    for row in ("train step", "eval forward, unfused", "eval forward, fused", "state_dict tensor bytes"):
+    for row in (
+        "train step",
+        "train step, every layer folding",
+        "eval forward, unfused",
+        "eval forward, fused",
+        "state_dict tensor bytes",
+    ):
         assert row in out
     # the state_dict holds exactly the native tensors plus D
     assert "(DO-Conv - native - D = 0 B;" in out
     share = float(out.split("training step: ")[1].split(" %")[0])
     assert 0 < share < 100
-    # five passes over the folded layers' W: the quick net's 3x3 layers, in bytes
-    from doconv.torch import convert_model
-
+    # the quick net's last two stages (2x2 and 1x1 feature maps, batch 2) compose features, the rest folds
+    features, folding = bench_torch.composing_layers(quick=True)
+    assert len(features) == 8 and all(name.split(".")[0] in ("8", "9", "10", "11") for name in features)
+    assert f"layers composing features in a training step: {len(features)} of {len(features) + len(folding)}" in out
+    # five passes over the folding layers' W, in bytes
     quick = convert_model(bench_torch.resnet18_style(width=bench_torch._sizes(True)["width"]))
-    kernel_mb = sum(4 * m.W.numel() for m in quick.modules() if getattr(m, "D", None) is not None) / 1e6
-    assert f"fold memory-traffic floor: {5 * kernel_mb:.0f} MB per step at " in out
+    kernel_mb = sum(4 * quick.get_submodule(name).W.numel() for name in folding) / 1e6
+    assert f"fold memory-traffic floor: {5 * kernel_mb:.1f} MB per step at " in out

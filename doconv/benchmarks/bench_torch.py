@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from doconv.torch import DOConv2d, convert_model, fuse_model
+from doconv.torch import DOConv2d, convert_model, feature_composition_in_use, fuse_model, use_feature_composition
 
 # -- a ResNet-18-style network (torchvision does not work with the CPU torch here) --------------
 
@@ -126,6 +126,20 @@ def _layer_step(layer: nn.Module, optimizer, x) -> Callable[[], None]:
         optimizer.step()
 
     return step
+
+
+def _folding_only(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` with feature composition switched off: every DO-Conv layer folds."""
+
+    def folding_step() -> None:
+        before = feature_composition_in_use()
+        use_feature_composition(False)
+        try:
+            step()
+        finally:
+            use_feature_composition(before)
+
+    return folding_step
 
 
 def _eval(model: nn.Module, x) -> Callable[[], None]:
@@ -235,11 +249,16 @@ def run(quick: bool = False, device: str = "cpu", repeats: int | None = None, me
     native = resnet18_style(width=sizes["width"]).to(dev)
     control = copy.deepcopy(native)
     doconv = convert_model(native)
+    folding = copy.deepcopy(doconv)
     x = torch.randn(sizes["batch"], 3, sizes["image"], sizes["image"], device=dev)
     target = torch.randint(0, 10, (sizes["batch"],), device=dev)
     net = f"ResNet-18-style, batch {sizes['batch']}, {sizes['image']}x{sizes['image']}"
     steps = {m: _train_step(model, _sgd(model), x, target) for m, model in _named(native, control, doconv).items()}
-    add(f"{net}: train step", side_by_side(steps, repeats, sizes["warmup"], dev), "doconv", "<= 1.03")
+    # The same DO-Conv network folding in every layer: what feature composition changes (CPU only).
+    steps["folding"] = _folding_only(_train_step(folding, _sgd(folding), x, target))
+    times = side_by_side(steps, repeats, sizes["warmup"], dev)
+    add(f"{net}: train step", times, "doconv", "<= 1.03")
+    add(f"{net}: train step, every layer folding", times, "folding", "-")
     for model in (native, control, doconv):
         model.eval()
     fused = fuse_model(doconv)
@@ -314,20 +333,47 @@ def fold_share(quick: bool = False, steps: int = 3) -> float:
     return fold / total
 
 
-def fold_traffic_floor(quick: bool = False) -> tuple[float, float]:
-    """The memory traffic a DO-Conv training step adds to the native one, and this machine's speed for it.
+def composing_layers(quick: bool = False) -> tuple[list[str], list[str]]:
+    """Which DO-Conv layers of the ResNet-18-style net compose features in a training step, and which fold.
 
-    Per step the fold must read W and write the folded kernel, then read the kernel's gradient and
-    W again and write W's gradient: five passes over kernel-sized tensors (all the fold's layers of
-    the ResNet-18-style net), whatever the kernels' arithmetic. The bandwidth is that of summing a
-    tensor larger than the caches (the median of five reads).
+    Returns:
+        (names of the layers composing features, names of the layers folding); 1x1 layers (no D) in neither.
+    """
+    sizes = _sizes(quick)
+    model = convert_model(resnet18_style(width=sizes["width"]))
+    features: list[str] = []
+    folding: list[str] = []
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, DOConv2d) and module.D is not None:
+
+            def record(module, inputs, name=name) -> None:
+                (features if module._composes_features(inputs[0]) else folding).append(name)
+
+            hooks.append(module.register_forward_pre_hook(record))
+    model(torch.randn(sizes["batch"], 3, sizes["image"], sizes["image"]))
+    for hook in hooks:
+        hook.remove()
+    return features, folding
+
+
+def fold_traffic_floor(quick: bool = False) -> tuple[float, float]:
+    """The memory traffic the folding layers add to a training step, and this machine's speed for it.
+
+    Per step a folding layer must read W and write the folded kernel, then read the kernel's
+    gradient and W again and write W's gradient: five passes over kernel-sized tensors (those layers
+    of the ResNet-18-style net that fold, see :func:`composing_layers`), whatever the kernels'
+    arithmetic. The bandwidth is that of summing a tensor larger than the caches (the median of five
+    reads).
 
     Returns:
         (bytes moved per step, bytes per second).
     """
     sizes = _sizes(quick)
     model = convert_model(resnet18_style(width=sizes["width"]))
-    kernel_bytes = sum(m.W.numel() * m.W.element_size() for m in model.modules() if getattr(m, "D", None) is not None)
+    _, folding = composing_layers(quick)
+    kernels = [model.get_submodule(name).W for name in folding]
+    kernel_bytes = sum(W.numel() * W.element_size() for W in kernels)
     probe = torch.ones((2 << 20) if quick else (50 << 20))  # 8 MB quick, else 200 MB
     seconds = []
     for _ in range(5):
@@ -397,10 +443,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile and not args.device.startswith("cuda"):
         share = fold_share(quick=args.quick)
         print(f"fold (forward + backward) share of a DO-Conv ResNet-18-style training step: {100 * share:.1f} %")
+        features, folding = composing_layers(quick=args.quick)
+        print(
+            f"layers composing features in a training step: {len(features)} of {len(features) + len(folding)} "
+            f"with a depthwise kernel ({', '.join(features) or 'none'})"
+        )
         moved, bandwidth = fold_traffic_floor(quick=args.quick)
         floor_ms, native_ms = 1e3 * moved / bandwidth, rows[0]["native_ms"]
         print(
-            f"fold memory-traffic floor: {moved / 1e6:.0f} MB per step at {bandwidth / 1e9:.1f} GB/s = "
+            f"fold memory-traffic floor: {moved / 1e6:.1f} MB per step at {bandwidth / 1e9:.1f} GB/s = "
             f"{floor_ms:.1f} ms, {100 * floor_ms / native_ms:.1f} % of the native step ({native_ms:.1f} ms)"
         )
     if args.json:
