@@ -4,11 +4,14 @@ The layer stores ``W`` (C_out, C_in/g, D_mul) and ``D`` (C_in, K, D_mul), the
 learnable offset from the identity; the identity itself is a non-persistent
 buffer, so it is neither a parameter nor in the state_dict. Every forward in
 training composes the kernel (``doconv.core.fold``'s maths, in torch ops) and
-runs the native convolution; without gradients the composed kernel is cached
-and reused until a parameter changes.
+runs the native convolution, except where a batch has so few output positions
+that composing features is cheaper (``doconv.core.training_composition``);
+without gradients the composed kernel is cached and reused until a parameter
+changes.
 
 Public names: :class:`DOConv1d`, :class:`DOConv2d`, :class:`DOConv3d`,
-:func:`fuse_model`, :func:`convert_model`, :func:`get_params`, :func:`set_params`.
+:func:`fuse_model`, :func:`convert_model`, :func:`get_params`, :func:`set_params`; and
+:func:`use_feature_composition` to switch feature composition off.
 """
 
 from __future__ import annotations

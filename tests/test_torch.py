@@ -785,6 +785,8 @@ def test_benchmark_program_prints_its_ratio_table(capsys):
         "train step, every layer folding",
         "eval forward, unfused",
         "eval forward, fused",
+        "at 2x2, batch 2: train step",
+        "at 2x2, batch 2: train step, folding",
         "state_dict tensor bytes",
     ):
         assert row in out

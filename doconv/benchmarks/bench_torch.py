@@ -281,6 +281,19 @@ def run(quick: bool = False, device: str = "cpu", repeats: int | None = None, me
     times = side_by_side({m: _eval(mod, xl) for m, mod in layers.items()}, repeats, sizes["warmup"], dev)
     add(f"{layer}: eval forward, unfused", times, "doconv", "<= 1.02")
 
+    # The same layer at the ResNet's last stage (2x2 feature maps, the network's batch): DO-Conv
+    # composes features there, and its second step is one matrix product where nn.Conv2d runs
+    # the native convolution; the row shows the two side by side, with folding for comparison.
+    xs = torch.randn(sizes["batch"], channels, 2, 2, device=dev)
+    steps = {m: _layer_step(mod, _sgd(mod), xs) for m, mod in layers.items()}
+    steps["folding"] = _folding_only(steps["doconv"])
+    for mod in layers.values():
+        mod.train()
+    times = side_by_side(steps, repeats, sizes["warmup"], dev)
+    small = f"3x3 {channels}->{channels} at 2x2, batch {sizes['batch']}"
+    add(f"{small}: train step", times, "doconv", "-")
+    add(f"{small}: train step, folding", times, "folding", "-")
+
     # Tensor bytes are exact; the pickled file adds a few bytes per key name on top.
     native_bytes, doconv_bytes = _tensor_bytes(native), _tensor_bytes(doconv)
     d_bytes = sum(m.D.numel() * m.D.element_size() for m in doconv.modules() if getattr(m, "D", None) is not None)
