@@ -662,6 +662,50 @@ def test_channels_last():
     torch.testing.assert_close(net.to(memory_format=torch.channels_last)(x_last), net(x), rtol=1e-5, atol=1e-5)
 
 
+# --- CUDA (skipped without a GPU; CI has none) -----------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+def test_cuda_gradients_match_cpu_and_the_model_fuses_on_the_gpu():
+    torch.manual_seed(0)
+    cpu = small_net().train().double()
+    gpu = copy.deepcopy(cpu).cuda()
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    for net, inputs in ((cpu, x), (gpu, x.cuda())):
+        net.zero_grad()
+        net(inputs).square().sum().backward()
+    for (name, p), q in zip(cpu.named_parameters(), gpu.parameters()):
+        assert q.device.type == "cuda" and q.grad.device.type == "cuda", name
+        torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-9, atol=1e-12)
+    gpu.eval()
+    fused = fuse_model(gpu)
+    assert all(p.device.type == "cuda" for p in fused.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x.cuda()), gpu(x.cuda()), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(gpu(x.cuda()).cpu(), cpu.eval()(x), rtol=1e-9, atol=1e-12)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_autocast(dtype):
+    net = small_net().train().cuda()
+    with torch.autocast("cuda", dtype=dtype):
+        y = net(torch.randn(2, 3, 8, 8, device="cuda"))
+    assert y.dtype == dtype
+    y.float().sum().backward()
+    assert float(net[0].D.grad.abs().sum()) > 0 and net[0].D.grad.dtype == torch.float32
+
+
+@needs_cuda
+def test_benchmark_program_runs_on_cuda(capsys):
+    from doconv.benchmarks import bench_torch
+
+    assert bench_torch.main(["--quick", "--no-memory", "--repeats", "1", "--device", "cuda"]) == 0
+    assert "train step" in capsys.readouterr().out
+
+
 # --- bad input ------------------------------------------------------------------------------
 
 
