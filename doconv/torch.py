@@ -610,12 +610,13 @@ class _DOConvNd(nn.Module):
             return False
         if D.dtype != dtype or torch.is_autocast_enabled("cpu"):
             return False
-        left, right, top, bottom = self._reversed_padding
-        spatial = (x.shape[-2] + top + bottom, x.shape[-1] + left + right)
-        span = core.effective_kernel_size(self.kernel_size, self.dilation)
-        if any(n < e for n, e in zip(spatial, span)):
-            return False  # too small: the native convolution says so
-        out = [(n - e) // s + 1 for n, e, s in zip(spatial, span, self.stride)]
+        left, right, top, bottom = self._reversed_padding  # F.pad's order: last dimension first
+        try:
+            out = core.output_shape(
+                x.shape[-2:], self.kernel_size, self.stride, self.dilation, ((top, bottom), (left, right))
+            )
+        except ValueError:
+            return False  # smaller than the kernel: the native convolution says so
         positions = (x.shape[0] if x.dim() == 4 else 1) * out[0] * out[1]
         K, choice = D.shape[1], core.training_composition
         return choice(positions, self.in_channels, self.out_channels, self.groups, K, self.D_mul) == "feature"
