@@ -209,7 +209,7 @@ def composition_macs(
 # Feature composition trains faster only well below the break-even point: its depthwise step is
 # many small products (one per input channel) where the fold is one pass. Measured per training
 # step on 3x3 layers with D_mul = 9 (torch, CPU, 2 threads): at an eighth of the fold's multiply-adds
-# it took a third to a half of the folding layer's time, at a half about 0.9 of it, and from three
+# it took 0.4-0.6 of the folding layer's time, at a half about 0.9 of it, and from three
 # quarters up about as long or longer.
 FEATURE_COMPOSITION_MARGIN = 2
 
