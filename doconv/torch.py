@@ -618,8 +618,9 @@ class _DOConvNd(nn.Module):
         except ValueError:
             return False  # smaller than the kernel: the native convolution says so
         positions = (x.shape[0] if x.dim() == 4 else 1) * out[0] * out[1]
-        K, choice = D.shape[1], core.training_composition
-        return choice(positions, self.in_channels, self.out_channels, self.groups, K, self.D_mul) == "feature"
+        K = D.shape[1]
+        choice = core.training_composition(positions, self.in_channels, self.out_channels, self.groups, K, self.D_mul)
+        return choice == "feature"
 
     def _compose_features(self, x: Tensor) -> Tensor:
         """The forward pass by :func:`compose_features`, padding as the layer pads."""

@@ -370,7 +370,7 @@ def composing_layers(quick: bool = False) -> tuple[list[str], list[str]]:
     return features, folding
 
 
-def fold_traffic_floor(quick: bool = False) -> tuple[float, float]:
+def fold_traffic_floor(quick: bool = False, folding: list[str] | None = None) -> tuple[float, float]:
     """The memory traffic the folding layers add to a training step, and this machine's speed for it.
 
     Per step a folding layer must read W and write the folded kernel, then read the kernel's
@@ -379,12 +379,18 @@ def fold_traffic_floor(quick: bool = False) -> tuple[float, float]:
     arithmetic. The bandwidth is that of summing a tensor larger than the caches (the median of five
     reads).
 
+    Args:
+        quick: the quick sizes. Default False.
+        folding: the names of the folding layers, as :func:`composing_layers` returns them. Default
+            None (found here).
+
     Returns:
         (bytes moved per step, bytes per second).
     """
     sizes = _sizes(quick)
     model = convert_model(resnet18_style(width=sizes["width"]))
-    _, folding = composing_layers(quick)
+    if folding is None:
+        _, folding = composing_layers(quick)
     kernels = [model.get_submodule(name).W for name in folding]
     kernel_bytes = sum(W.numel() * W.element_size() for W in kernels)
     probe = torch.ones((2 << 20) if quick else (50 << 20))  # 8 MB quick, else 200 MB
@@ -461,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
             f"layers composing features in a training step: {len(features)} of {len(features) + len(folding)} "
             f"with a depthwise kernel ({', '.join(features) or 'none'})"
         )
-        moved, bandwidth = fold_traffic_floor(quick=args.quick)
+        moved, bandwidth = fold_traffic_floor(quick=args.quick, folding=folding)
         floor_ms, native_ms = 1e3 * moved / bandwidth, rows[0]["native_ms"]
         print(
             f"fold memory-traffic floor: {moved / 1e6:.1f} MB per step at {bandwidth / 1e9:.1f} GB/s = "
