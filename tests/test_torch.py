@@ -698,6 +698,22 @@ def test_cuda_autocast(dtype):
     assert float(net[0].D.grad.abs().sum()) > 0 and net[0].D.grad.dtype == torch.float32
 
 
+def test_benchmark_composition_sweep_prints_its_table(capsys):
+    from doconv.benchmarks import bench_torch
+
+    threads = torch.get_num_threads()
+    try:
+        assert bench_torch.main(["--composition-sweep", "--quick", "--repeats", "1", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("3x3 64->64, D_mul 9, train step: composing features / folding")
+    rows = [line.split(" | ") for line in lines[3:]]
+    # batch x positions against 64 output channels: an eighth, a half, 49/64 and twice the fold
+    assert [float(row[1]) for row in rows] == [0.125, 0.5, 0.766, 2.0]
+    assert all(float(row[2]) > 0 for row in rows)
+
+
 @needs_cuda
 def test_benchmark_program_runs_on_cuda(capsys):
     from doconv.benchmarks import bench_torch

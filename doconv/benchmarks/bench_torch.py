@@ -27,7 +27,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from doconv.torch import DOConv2d, convert_model, feature_composition_in_use, fuse_model, use_feature_composition
+from doconv import core
+from doconv.torch import (
+    DOConv2d,
+    compose_features,
+    convert_model,
+    feature_composition_in_use,
+    fuse_model,
+    use_feature_composition,
+)
 
 # -- a ResNet-18-style network (torchvision does not work with the CPU torch here) --------------
 
@@ -402,6 +410,48 @@ def fold_traffic_floor(quick: bool = False, folding: list[str] | None = None) ->
     return 5.0 * kernel_bytes, probe.numel() * probe.element_size() / statistics.median(seconds)
 
 
+def composition_sweep(quick: bool = False, repeats: int | None = None) -> list[dict]:
+    """Training steps of one 3x3 layer composing features vs folding, from few output positions to many.
+
+    The measurements behind ``core.FEATURE_COMPOSITION_MARGIN``: a 512->512 layer (64 with quick),
+    D_mul = 9, padding 1, at batches and feature-map sizes whose feature composition costs from an
+    eighth of the fold's multiply-adds to as much. Both variants train the same layer, alternating.
+
+    Returns:
+        Rows ``{"input", "macs_ratio" (feature / fold multiply-adds), "ratio" (feature / fold time),
+        "fold_ms"}``.
+    """
+    sizes = _sizes(quick)
+    repeats = repeats or sizes["repeats"]
+    channels = sizes["layer_channels"]
+    cases = [(2, 2), (2, 4), (1, 7), (2, 8)] if quick else [(16, 2), (16, 4), (8, 7), (32, 4)]
+    rows = []
+    for batch, size in cases:
+        torch.manual_seed(0)
+        layer = DOConv2d(channels, channels, 3, padding=1, bias=False)
+        x = torch.randn(batch, channels, size, size)
+        optimizer = _sgd(layer)
+
+        def features_step(layer=layer, x=x, optimizer=optimizer) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            geometry = ((3, 3), (1, 1), (1, 1), (1, 1), 1)
+            compose_features(x, layer.W, layer.D, layer.identity, None, *geometry).square().mean().backward()
+            optimizer.step()
+
+        steps = {"folding": _folding_only(_layer_step(layer, optimizer, x)), "features": features_step}
+        times = side_by_side(steps, repeats, sizes["warmup"], torch.device("cpu"))
+        fold, feature = core.composition_macs(batch * size * size, channels, channels, 1, 9, 9)
+        rows.append(
+            {
+                "input": f"batch {batch}, {size}x{size}",
+                "macs_ratio": feature / fold,
+                "ratio": median_ratio(times, "features", base="folding"),
+                "fold_ms": 1e3 * statistics.median(times["folding"]),
+            }
+        )
+    return rows
+
+
 def _named(native: nn.Module, control: nn.Module, doconv: nn.Module) -> dict[str, nn.Module]:
     return {"native": native, "control": control, "doconv": doconv}
 
@@ -438,6 +488,11 @@ def main(argv: list[str] | None = None) -> int:
         "--numpy-fold", action="store_true", help="measure the NumPy fallback instead of the C fold kernel"
     )
     parser.add_argument(
+        "--composition-sweep",
+        action="store_true",
+        help="only time one layer composing features vs folding at several input sizes (CPU)",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="also print the fold's share of a training step (torch.profiler) and its memory-traffic floor",
@@ -451,6 +506,16 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_torch: --device cuda asked for, but CUDA is not available", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
+    if args.composition_sweep:
+        sweep = composition_sweep(quick=args.quick, repeats=args.repeats)
+        channels = _sizes(args.quick)["layer_channels"]
+        where = f"CPU, {args.threads} threads"
+        print(f"3x3 {channels}->{channels}, D_mul 9, train step: composing features / folding, {where}")
+        print("| input | feature / fold multiply-adds | feature / fold time | folding ms |")
+        print("| --- | --- | --- | --- |")
+        for row in sweep:
+            print(f"| {row['input']} | {row['macs_ratio']:.3f} | {row['ratio']:.3f} | {row['fold_ms']:.1f} |")
+        return 0
     rows = run(quick=args.quick, device=args.device, repeats=args.repeats, memory=not args.no_memory)
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
     if not args.device.startswith("cuda"):
