@@ -8,7 +8,7 @@ from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).parent
-VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "doconv" / "__init__.py").read_text(), re.M).group(1)
+VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "src" / "doconv" / "__init__.py").read_text(), re.M).group(1)
 
 # Pins that install together on Python 3.11 (see docs/install.rst). torch < 2.14 keeps pip on
 # the CPU wheel where one is provided; mxnet 1.9.1 is the last release and needs numpy < 1.24.
@@ -56,8 +56,11 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",
-    packages=find_packages(include=["doconv", "doconv.*"]),
-    ext_modules=[Extension("doconv._foldkernel", ["doconv/_foldkernel.c"], extra_compile_args=["-O3"], optional=True)],
+    packages=find_packages("src", include=["doconv", "doconv.*"]),
+    package_dir={"": "src"},
+    ext_modules=[
+        Extension("doconv._foldkernel", ["src/doconv/_foldkernel.c"], extra_compile_args=["-O3"], optional=True)
+    ],
     cmdclass={"build_ext": OptionalBuildExt},
     python_requires=">=3.9",
     install_requires=["numpy>=1.21"],

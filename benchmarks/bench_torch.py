@@ -1,4 +1,4 @@
-"""Runner: DOConv2d vs nn.Conv2d ratios (see doconv/benchmarks/bench_torch.py)."""
+"""Runner: DOConv2d vs nn.Conv2d ratios (see src/doconv/benchmarks/bench_torch.py)."""
 
 from doconv.benchmarks.bench_torch import main
 

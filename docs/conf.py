@@ -12,13 +12,13 @@ import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, os.fspath(ROOT))
+sys.path.insert(0, os.fspath(ROOT / "src"))
 
 project = "doconv"
 author = "the doconv developers"
 copyright = "the doconv developers (MIT licence)"
-# One place for the version: doconv/__init__.py (read, not imported, like setup.py does).
-release = re.search(r'^__version__ = "([^"]+)"', (ROOT / "doconv" / "__init__.py").read_text(), re.M).group(1)
+# One place for the version: src/doconv/__init__.py (read, not imported, like setup.py does).
+release = re.search(r'^__version__ = "([^"]+)"', (ROOT / "src" / "doconv" / "__init__.py").read_text(), re.M).group(1)
 version = release
 
 extensions = [
