@@ -1,84 +1,52 @@
-"""Packaging for doconv. NumPy is the only hard dependency; frameworks are extras."""
+"""Builds doconv's optional C fold kernel; the metadata is in pyproject.toml.
 
-import re
+Where the kernel cannot be built (no C compiler, no Python headers) the install still
+succeeds and doconv folds with NumPy or the framework's ops. Either way the build writes
+what happened next to the kernel, in doconv/_foldkernel-build.txt, so that ``doconv info``
+can say why a kernel is missing, as the build said it.
+"""
+
+import os
 import sys
-from pathlib import Path
 
-from setuptools import Extension, find_packages, setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-HERE = Path(__file__).parent
-VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "src" / "doconv" / "__init__.py").read_text(), re.M).group(1)
-
-# Pins that install together on Python 3.11 (see docs/install.rst). torch < 2.14 keeps pip on
-# the CPU wheel where one is provided; mxnet 1.9.1 is the last release and needs numpy < 1.24.
-TORCH = ["torch>=2.1,<2.14"]
-KERAS = ["keras>=3.0", "tensorflow-cpu>=2.16"]
-GLUON = [
-    "mxnet==1.9.1",
-    "numpy==1.23.5",
-    "scipy==1.10.1",
-    "pandas==1.5.3",
-    "matplotlib==3.7.5",
-    "opencv-python==4.8.1.78",
-    "gluoncv==0.10.5.post0",
-]
-DEMO = TORCH + [
-    "scikit-learn>=1.2",
-    "matplotlib>=3.5",
-    "tqdm>=4.60",
-    "onnx>=1.15",
-    "onnxscript>=0.1",
-    "onnxruntime>=1.16",
-]
+KERNEL = "doconv._foldkernel"
+BUILD_RECORD = "_foldkernel-build.txt"  # read by doconv._kernel_status
 
 
 class OptionalBuildExt(build_ext):
-    """Build the C fold kernel where a compiler is available; doconv works without it (slower)."""
+    """Build the C fold kernel where a compiler is available, and record whether it was built."""
 
     def run(self):
         try:
             super().run()
-        except Exception as err:  # no compiler, no Python headers: fall back to the NumPy path
-            print(f"doconv: the C fold kernel was not built ({err}); doconv.torch uses its NumPy path", file=sys.stderr)
+        except Exception as err:  # no compiler at all: setuptools fails before any extension
+            self._record(f"not built: {_one_line(err)}")
 
     def build_extension(self, ext):
         try:
             super().build_extension(ext)
-        except Exception as err:
-            print(f"doconv: the C fold kernel was not built ({err}); doconv.torch uses its NumPy path", file=sys.stderr)
+        except Exception as err:  # a compiler error, missing headers
+            self._record(f"not built: {_one_line(err)}")
+        else:
+            self._record("built")
+
+    def _record(self, text):
+        if text != "built":
+            print(f"doconv: the C fold kernel was {text}; doconv folds with NumPy instead", file=sys.stderr)
+        path = os.path.join(os.path.dirname(self.get_ext_fullpath(KERNEL)), BUILD_RECORD)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(text + "\n")
+
+
+def _one_line(err):
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 setup(
-    name="doconv",
-    version=VERSION,
-    description="DO-Conv (depthwise over-parameterized convolution) for PyTorch, Keras and MXNet Gluon",
-    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
-    long_description_content_type="text/markdown",
-    license="MIT",
-    packages=find_packages("src", include=["doconv", "doconv.*"]),
-    package_dir={"": "src"},
-    ext_modules=[
-        Extension("doconv._foldkernel", ["src/doconv/_foldkernel.c"], extra_compile_args=["-O3"], optional=True)
-    ],
+    ext_modules=[Extension(KERNEL, ["src/doconv/_foldkernel.c"], extra_compile_args=["-O3"], optional=True)],
     cmdclass={"build_ext": OptionalBuildExt},
-    python_requires=">=3.9",
-    install_requires=["numpy>=1.21"],
-    extras_require={
-        "torch": TORCH,
-        "keras": KERAS,
-        "gluon": GLUON,
-        # One interpreter with all three frameworks: TensorFlow 2.17 is the newest that accepts
-        # mxnet's numpy, and mxnet must be imported before TensorFlow.
-        "all": ["numpy==1.23.5", "torch==2.13.0", "tensorflow-cpu==2.17.1", "mxnet==1.9.1"],
-        "demo": DEMO,
-        "test": ["pytest>=7", "hypothesis>=6"],
-        "docs": ["sphinx>=7"],
-    },
-    entry_points={"console_scripts": ["doconv=doconv.cli:main"]},
-    classifiers=[
-        "License :: OSI Approved :: MIT License",
-        "Programming Language :: Python :: 3",
-        "Topic :: Scientific/Engineering :: Artificial Intelligence",
-    ],
 )

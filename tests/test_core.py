@@ -467,7 +467,7 @@ def test_import_doconv_imports_no_framework():
 
 
 def test_missing_framework_names_the_extra():
-    with pytest.raises(ImportError, match=r"doconv.torch needs PyTorch: pip install 'doconv\[torch\]'"):
+    with pytest.raises(ImportError, match=r"doconv.torch needs PyTorch: pip install 'doconv-layers\[torch\]'"):
         require("doconv_no_such_framework", "doconv.torch", "torch", "PyTorch")
 
 

@@ -3,7 +3,9 @@
 Every bad input (an unknown or missing framework, a non-positive number, an
 unwritable folder, a file that is not a PyTorch checkpoint) ends with one line
 ``doconv <command>: error: ...`` on stderr and exit status 2, never a traceback,
-and leaves no half-written file behind.
+and leaves no half-written file behind. SIGINT and SIGTERM end a command with one
+line and exit status 130 or 143 (128 + the signal's number), after removing any
+temporary file.
 
 Frameworks are imported only by the command that needs them; ``info`` and
 ``bench`` import each one in a child process of its own, because importing
@@ -18,14 +20,19 @@ import math
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
-import tempfile
+import threading
 import zipfile
 from collections import OrderedDict
 from typing import Optional, Sequence
 
 from . import __version__, core
+from ._files import NotRegularFile, special_kind, write_atomically
+from ._kernel_status import fold_kernel_status
+from ._optional import install_hint
+from .benchmarks.report import is_busy_note
 
 __all__ = ["main", "fuse_state_dict"]
 
@@ -140,6 +147,43 @@ def _build_parser() -> _Parser:
     return parser
 
 
+class Signalled(BaseException):
+    """SIGINT or SIGTERM arrived during a command (a BaseException, as KeyboardInterrupt is)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _SignalsRaise:
+    """Within it, SIGINT and SIGTERM raise :class:`Signalled` in the main thread, and are remembered.
+
+    Remembering matters because some libraries replace the exception: an interrupted
+    ``torch.save`` raises its own RuntimeError on the way out. ``received`` still says a
+    signal stopped the command. Elsewhere (another thread) the handlers cannot be set and
+    SIGTERM keeps its default action.
+    """
+
+    def __init__(self):
+        self.received: list[int] = []
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received.append(signum)
+        raise Signalled(signum)
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        return False
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the ``doconv`` command line.
 
@@ -147,7 +191,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         argv: the arguments without the program name. Default None (``sys.argv[1:]``).
 
     Returns:
-        The exit status: 0 on success, 2 for bad input, otherwise the failing benchmark's status.
+        The exit status: 0 on success, 2 for bad input, 130 after SIGINT, 143 after SIGTERM,
+        otherwise the failing benchmark's status.
 
     Example:
         >>> main(["demo", "--seeds", "0"])  # doctest: +SKIP
@@ -159,15 +204,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
-        return _COMMANDS[args.command](args)
+        with _SignalsRaise() as signals:
+            try:
+                return _COMMANDS[args.command](args)
+            except BaseException:
+                if signals.received:  # whatever a library turned the interruption into
+                    raise Signalled(signals.received[0]) from None
+                raise
     except UsageError as err:
         # One line, whatever a wrapped library message looked like.
         message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
         print(f"{err.prog}: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Signalled) as err:
+        signum = getattr(err, "signum", signal.SIGINT)
+        print(f"{PROG}: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
 
 
 # -- demo ----------------------------------------------------------------------------------------
@@ -404,19 +456,13 @@ def _cmd_fuse(args) -> int:
     try:
         import torch
     except ImportError:
-        raise UsageError("needs PyTorch: pip install 'doconv[torch]'", prog) from None
+        raise UsageError(f"needs PyTorch: {install_hint('torch')}", prog) from None
     src, dst = os.path.abspath(args.checkpoint), os.path.abspath(args.output)
     if os.path.realpath(src) == os.path.realpath(dst) or (
         os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst)
     ):
         raise UsageError(f"the output must not be the checkpoint itself ({args.checkpoint}); choose another -o", prog)
-    if os.path.isdir(dst):
-        raise UsageError(f"output {args.output} is a folder; give a file name", prog)
-    if os.path.exists(dst) and not args.force:
-        raise UsageError(f"output {args.output} exists; use --force to replace it", prog)
-    folder = os.path.dirname(dst)
-    if not os.path.isdir(folder):
-        raise UsageError(f"output folder {folder} does not exist", prog)
+    _check_output(args.output, args.force, prog)
     per_layer, default = _parse_kernel_sizes(args.kernel_size)
     obj = _load_checkpoint(args.checkpoint)
     state_dict, wrapper_key = _find_state_dict(obj, args.checkpoint)
@@ -433,18 +479,16 @@ def _cmd_fuse(args) -> int:
         raise UsageError(
             f"--kernel-size names layers that are not DO-Conv layers of the checkpoint: {', '.join(unknown)}", prog
         )
-    # Write next to the destination, then rename: a failure never leaves a half-written OUT.
-    fd, tmp = tempfile.mkstemp(prefix=".doconv-fuse-", suffix=".tmp", dir=folder)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(folded, fh)
-        os.replace(tmp, dst)
-    except BaseException as err:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(err, OSError):
-            raise UsageError(f"cannot write {args.output}: {err.strerror or err}", prog) from None
-        raise
+        write_atomically(dst, lambda fh: torch.save(folded, fh), replace=args.force)
+    except NotRegularFile as err:
+        raise UsageError(_not_regular_message(args.output, err.kind), prog) from None
+    except FileExistsError:
+        raise UsageError(f"output {args.output} exists; use --force to replace it", prog) from None
+    except OSError as err:
+        raise UsageError(f"cannot write {args.output}: {err.strerror or err}", prog) from None
+    except RuntimeError as err:  # torch.save reports a failed write (e.g. a full disk) as RuntimeError
+        raise UsageError(f"cannot write {args.output}: {_first_line(err)}", prog) from None
     original = sum(1 for _, _, source in layers if source == "original code")
     where = f" (the state_dict under '{wrapper_key}'; other entries are not copied)" if wrapper_key else ""
     print(
@@ -460,14 +504,39 @@ def _cmd_fuse(args) -> int:
     return 0
 
 
+def _check_output(output: str, force: bool, prog: str) -> None:
+    """Refuse, before any work, an output that exists (without --force), is not a regular file, or cannot be written."""
+    kind = special_kind(output)
+    if kind is not None:
+        raise UsageError(_not_regular_message(output, kind), prog)
+    if os.path.exists(output) and not force:
+        raise UsageError(f"output {output} exists; use --force to replace it", prog)
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise UsageError(f"output folder {folder} does not exist", prog)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {output}: output folder {folder} is not writable", prog)
+
+
+def _not_regular_message(output: str, kind: str) -> str:
+    if kind == "a folder":
+        return f"output {output} is a folder; give a file name"
+    return f"output {output} is {kind}, not a regular file; doconv fuse replaces only regular files, even with --force"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
 # -- bench and info: one child process per framework ---------------------------------------------
 
 # (name shown, module to import, pip extra) - the order in which `info` lists them.
 _PROBES = [
     ("torch", "torch", "torch"),
-    ("tensorflow", "tensorflow", "keras"),
+    ("tensorflow", "tensorflow", "tensorflow"),
     ("keras", "keras", "keras"),
-    ("jax", "jax", "keras"),
+    ("jax", "jax", "jax"),
     ("mxnet", "mxnet", "gluon"),
     ("gluoncv", "gluoncv", "gluon"),
 ]
@@ -478,7 +547,8 @@ _DEMO_PROBES = [
     ("onnx", "onnx"),
     ("onnxruntime", "onnxruntime"),
 ]
-_BENCH = [("torch", "torch"), ("keras", "keras"), ("gluon", "mxnet")]
+# (framework, module probed, pip extra): bench_keras runs on the tensorflow backend.
+_BENCH = [("torch", "torch", "torch"), ("keras", "keras", "tensorflow"), ("gluon", "mxnet", "gluon")]
 _BENCH_MODULE = "doconv.benchmarks.bench_{}"  # each has main(argv=None) -> int
 _BENCH_MISSING = 75  # the child's exit status when the benchmark module itself does not exist
 _BENCH_CODE = f"""
@@ -503,12 +573,28 @@ print("DOCONV-PROBE " + version)
 
 
 def _child_env() -> dict:
-    """The environment for child processes, with this doconv importable even when not installed."""
+    """The environment for child processes: they import this same doconv.
+
+    An installed doconv is found by the child as it is (same interpreter, same site-packages):
+    nothing is added, since putting site-packages on PYTHONPATH would place it before the
+    standard library. A doconv imported from elsewhere (a source tree on sys.path) gets its
+    folder put first on PYTHONPATH.
+    """
+    import site
+
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    site_dirs = site.getsitepackages() + [site.getusersitepackages()]
+    on_path = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if not any(_same_folder(root, d) for d in site_dirs + on_path):
+        env["PYTHONPATH"] = os.pathsep.join([root, *on_path])
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env["PYTHONUNBUFFERED"] = "1"  # a benchmark's lines reach `doconv bench` as they are printed
     return env
+
+
+def _same_folder(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _probe(module: str, timeout: float = 180.0) -> tuple[bool, str]:
@@ -547,57 +633,80 @@ def _cmd_info(args) -> int:
     print("\nframeworks:")
     for name, module, extra in _PROBES:
         ok, text = probes[module]
-        hint = "" if ok else f"  (pip install 'doconv[{extra}]')"
+        hint = "" if ok else f"  ({install_hint(extra)})"
         adapter = f"  -> {adapters[module]}" if ok and module in adapters else ""
         print(f"  {name.ljust(width)}  {text}{adapter}{hint}")
-    print("\nfor the demo (pip install 'doconv[demo]'):")
+    print(f"\nfor the demo ({install_hint('demo')}):")
     for name, module in _DEMO_PROBES:
         print(f"  {name.ljust(width)}  {probes[module][1]}")
-    from . import _fold_cpu
-
-    built = "built" if _fold_cpu.kernel is not None else "not built: no C compiler at install (slower training on CPU)"
-    print(f"\nCPU fold kernel (doconv._foldkernel, used by doconv.torch and doconv.gluon): {built}")
+    _, kernel = fold_kernel_status()
+    print(f"\nCPU fold kernel (doconv._foldkernel, used by doconv.torch and doconv.gluon): {kernel}")
     return 0
 
 
 def _cmd_bench(args) -> int:
     from .demo import FRAMEWORKS
 
-    wanted = args.framework or [name for name, _ in _BENCH]
+    wanted = args.framework or [name for name, _, _ in _BENCH]
     unknown = [name for name in wanted if name not in FRAMEWORKS]
     if unknown:
         raise UsageError(f"unknown framework {unknown[0]!r}: choose from {', '.join(FRAMEWORKS)}", f"{PROG} bench")
-    plan = [(name, module) for name, module in _BENCH if name in wanted]
-    probes = _probe_all([module for _, module in plan])
-    status, ran = 0, 0
-    for name, module in plan:
+    plan = [entry for entry in _BENCH if entry[0] in wanted]
+    probes = _probe_all([module for _, module, _ in plan])
+    status, ran, busy = 0, 0, []
+    for name, module, extra in plan:
         ok, text = probes[module]
         bench_module = _BENCH_MODULE.format(name)
         if not ok:
             message = f"{name}: skipped, {module} {text}"
             if args.framework:
                 raise UsageError(
-                    f"--framework {name} needs {module}, which is {text}: pip install 'doconv[{name}]'", f"{PROG} bench"
+                    f"--framework {name} needs {module}, which is {text}: {install_hint(extra)}", f"{PROG} bench"
                 )
             print(message, flush=True)
             continue
         print(f"== {name} ({module} {text}): {bench_module}{' --quick' if args.quick else ''}", flush=True)
-        # A child process per framework: no import-order crash, and one benchmark's threads and
-        # memory do not disturb the next one's timings.
-        proc = subprocess.run(
-            [sys.executable, "-c", _BENCH_CODE, bench_module, *(["--quick"] if args.quick else [])], env=_child_env()
-        )
-        if proc.returncode == _BENCH_MISSING:
+        returncode, was_busy = _run_benchmark(bench_module, ["--quick"] if args.quick else [])
+        if returncode == _BENCH_MISSING:
             print(f"{name}: skipped, {bench_module} is not part of this doconv", flush=True)
             continue
         ran += 1
-        if proc.returncode != 0:
-            print(f"{name}: benchmark failed with exit status {proc.returncode}", file=sys.stderr, flush=True)
-            status = status or proc.returncode
+        busy += [name] if was_busy else []
+        if returncode != 0:
+            print(f"{name}: benchmark failed with exit status {returncode}", file=sys.stderr, flush=True)
+            status = status or returncode
     if ran == 0:
-        print("no benchmark ran: install a framework, e.g. pip install 'doconv[torch]'", file=sys.stderr)
+        print(f"no benchmark ran: install a framework, e.g. {install_hint('torch')}", file=sys.stderr)
         return status or 1
+    if busy:
+        # Repeated at the end: with several frameworks, each one's own note has scrolled away.
+        print(f"\nthe machine was busy during the {', '.join(busy)} benchmark(s): their ratios are unreliable")
     return status
+
+
+def _run_benchmark(bench_module: str, argv: list) -> tuple[int, bool]:
+    """Run one benchmark in a child process, passing its output through: ``(exit status, said it was busy)``.
+
+    A child process per framework: no import-order crash, and one benchmark's threads and
+    memory do not disturb the next one's timings.
+    """
+    busy = False
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _BENCH_CODE, bench_module, *argv], stdout=subprocess.PIPE, text=True, env=_child_env()
+    )
+    try:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            busy = busy or is_busy_note(line)
+        proc.wait()
+    except BaseException:  # interrupted: the child must not run on, unseen
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        proc.stdout.close()
+    return proc.returncode, busy
 
 
 _COMMANDS = {"demo": _cmd_demo, "fuse": _cmd_fuse, "bench": _cmd_bench, "info": _cmd_info}

@@ -15,12 +15,17 @@ import argparse
 import statistics
 import time
 
+from .report import busy_note, goal
+
+DEFAULTS = {"model": "resnet18_v1b", "batch": 16, "size": 112, "mxnet_ops": False}  # what the goals were set for
+GOALS = {("train", "DO-Conv / Conv2D"): "<= 1.05", ("inference", "fused / Conv2D"): "1.00"}
+
 
 def _parse(argv):
     parser = argparse.ArgumentParser(prog="bench_gluon", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet18_v1b", help="GluonCV model-zoo name (default resnet18_v1b)")
-    parser.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
-    parser.add_argument("--size", type=int, default=112, help="input height and width (default 112)")
+    parser.add_argument("--model", default=DEFAULTS["model"], help="GluonCV model-zoo name (default resnet18_v1b)")
+    parser.add_argument("--batch", type=int, default=DEFAULTS["batch"], help="batch size (default 16)")
+    parser.add_argument("--size", type=int, default=DEFAULTS["size"], help="input height and width (default 112)")
     parser.add_argument("--steps", type=int, default=1, help="timed steps per variant and repeat (default 1)")
     parser.add_argument("--repeats", type=int, default=25, help="repeats; the table shows medians (default 25)")
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run: tiny input, few steps")
@@ -148,11 +153,16 @@ def main(argv=None) -> int:
         f"doconv.gluon benchmark: {args.model}, batch {args.batch}, {args.size}x{args.size}, hybridized, "
         f"{args.repeats} repeats x {args.steps} steps, fold: {fold}, median of per-repeat ratios"
     )
-    header = f"| {'mode':<9} | {'comparison':<27} | {'ratio':>6} | {'range':>13} | {'Conv2D ms/step':>14} |"
+    configured = not args.quick and all(getattr(args, key) == value for key, value in DEFAULTS.items())
+    header = f"| {'mode':<9} | {'comparison':<27} | {'ratio':>6} | {'range':>13} | {'Conv2D ms/step':>14} | goal    |"
     print(header)
     print("|" + "|".join("-" * (len(cell) + 0) for cell in header.split("|")[1:-1]) + "|")
     for mode, what, median, low, high, base_ms in rows:
-        print(f"| {mode:<9} | {what:<27} | {median:>5.3f}x | {low:.3f}-{high:.3f}x | {base_ms:>14.1f} |")
+        target = goal(GOALS.get((mode, what), "-"), configured)
+        print(f"| {mode:<9} | {what:<27} | {median:>5.3f}x | {low:.3f}-{high:.3f}x | {base_ms:>14.1f} | {target:<7} |")
+    note = busy_note(median for _, what, median, *_ in rows if "control" in what)
+    if note:
+        print(note)
     return 0
 
 

@@ -19,6 +19,11 @@ import time
 
 import numpy as np
 
+from .report import busy_note, goal
+
+DEFAULTS = {"batch": 16, "size": 32}  # the configuration the goals below were set for
+GOALS = {"train step": "<= 1.05", "predict, unfused": "<= 1.05", "predict, fused": "1.00"}
+
 
 def _keras():
     """Import Keras on the tensorflow backend (or say why not)."""
@@ -105,11 +110,11 @@ def main(argv=None) -> int:
         ``python -m doconv.benchmarks.bench_keras --quick`` prints a table such as::
 
             DO-Conv vs keras Conv2D, ResNet-style net, batch 8, 16x16, ...
-            train step          DO-Conv / Conv2D   1.0...
+            train step          DO-Conv / Conv2D             1.0...    -
     """
     parser = argparse.ArgumentParser(prog="bench_keras", description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=DEFAULTS["batch"])
+    parser.add_argument("--size", type=int, default=DEFAULTS["size"])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
@@ -153,9 +158,14 @@ def main(argv=None) -> int:
         f"{args.steps} calls x {args.repeats} repeats, keras {keras.__version__}, backend tensorflow"
     )
     print(f"parameters: Conv2D {params['native']}, DO-Conv {params['doconv']}, fused {params['fused']}")
-    print(f"{'measure':<48} median ratio")
+    configured = not args.quick and all(getattr(args, key) == value for key, value in DEFAULTS.items())
+    print(f"{'measure':<48} median ratio  goal")
     for name, ratio in results.items():
-        print(f"{name:<48} {ratio:.3f}")
+        target = "-" if "control" in name else GOALS[name.split("  ")[0].strip()]
+        print(f"{name:<48} {ratio:<12.3f}  {goal(target, configured)}")
+    note = busy_note(ratio for name, ratio in results.items() if "control" in name)
+    if note:
+        print(note)
     return 0
 
 
