@@ -361,6 +361,90 @@ def test_info_lists_frameworks(capsys):
     assert (": built (_foldkernel" in kernel_line) == (_fold_cpu.kernel is not None), kernel_line
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_readme_main_command_from_the_repository_root_uses_the_compiled_kernel(has_c_compiler):
+    """`python -m doconv ...` run where the README says (the checkout's root) imports the installed doconv.
+
+    With the src/ layout nothing in the root is importable as doconv, so the kernel the
+    install built is the one used; a missing kernel is reported with the build's reason.
+    """
+    code = "import doconv, doconv._fold_cpu as f; print(doconv.__file__); print(f.kernel is not None)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    where, used = proc.stdout.split()
+    assert not where.startswith(os.path.join(ROOT, "doconv")), where
+    from doconv._kernel_status import fold_kernel_status
+
+    built, reason = fold_kernel_status()
+    if not built and "not built:" in reason and not has_c_compiler:
+        pytest.skip(f"no C compiler here, and the build said so: {reason}")
+    assert built and used == "True", reason
+    proc = subprocess.run([sys.executable, "-m", "doconv", "info"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        "CPU fold kernel (doconv._foldkernel, used by doconv.torch and doconv.gluon): built (_foldkernel" in proc.stdout
+    )
+    if torch is not None:  # the demo's path: doconv.torch folds with the kernel
+        code = "import doconv.torch as t; print(t._foldkernel is not None)"
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+        assert proc.stdout.strip() == "True", proc.stderr
+
+
+@pytest.mark.parametrize(
+    "record, expected",
+    [
+        (
+            "not built: command 'gcc' failed: No such file or directory\n",
+            "not built: command 'gcc' failed: No such file or directory (the build's message;",
+        ),
+        ("built\n", "built at install but does not import: No module named 'doconv_no_such_kernel'"),
+        (None, "which was not built by pip install"),
+    ],
+)
+def test_kernel_status_says_why_there_is_no_kernel(tmp_path, record, expected):
+    from doconv._kernel_status import BUILD_RECORD, fold_kernel_status
+
+    if record is not None:
+        (tmp_path / BUILD_RECORD).write_text(record)
+    built, reason = fold_kernel_status(str(tmp_path), kernel="doconv_no_such_kernel")
+    assert not built and expected in reason, reason
+
+
+def test_child_env_adds_no_site_packages(monkeypatch, tmp_path):
+    """An installed doconv needs nothing on PYTHONPATH; one imported from a folder gets that folder first."""
+    import site
+
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    installed = os.path.join(site.getsitepackages()[0], "doconv", "cli.py")
+    monkeypatch.setattr(cli, "__file__", installed)
+    assert "PYTHONPATH" not in cli._child_env()
+    source = tmp_path / "src" / "doconv" / "cli.py"
+    monkeypatch.setattr(cli, "__file__", str(source))
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    assert cli._child_env()["PYTHONPATH"] == os.pathsep.join([str(tmp_path / "src"), "/elsewhere"])
+
+
+def test_bench_says_when_the_machine_is_busy(capfd, tmp_path, monkeypatch):
+    """A benchmark whose control is far from 1 says its ratios are unreliable, and `doconv bench` repeats it."""
+    from doconv.benchmarks.report import BUSY, busy_note
+
+    assert busy_note([1.0, 0.96, 1.04]) is None
+    (tmp_path / "fake_bench_torch.py").write_text(
+        "from doconv.benchmarks.report import busy_note\n"
+        "def main(argv=None):\n    print('ratio 2.6, control 0.13')\n    print(busy_note([0.13]))\n    return 0\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setattr(cli, "_BENCH_MODULE", "fake_bench_{}")
+    monkeypatch.setattr(cli, "_probe_all", lambda modules: {m: (True, "stand-in") for m in modules})
+    status = cli.main(["bench", "--framework", "torch"])
+    out, _ = capfd.readouterr()
+    assert status == 0
+    lines = out.splitlines()
+    assert f"note: {BUSY} (control 0.13 outside 0.95-1.05)" in lines
+    assert lines[-1] == "the machine was busy during the torch benchmark(s): their ratios are unreliable"
+
+
 @needs_torch
 def test_bench_runs_each_benchmark_in_a_child_process(capfd, tmp_path, monkeypatch):
     """The plumbing, with a stand-in benchmark: imported in a child process, --quick passed through."""
