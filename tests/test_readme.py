@@ -34,6 +34,7 @@ _FRAMEWORK_OF = [
 _EXTRAS = {"torch": {"torch", "demo", "all"}, "keras": {"keras", "tensorflow", "jax", "all"}, "gluon": {"gluon", "all"}}
 # What a block of each framework needs importable, and what a tox env must install for it.
 _MODULES = {"torch": ["torch"], "keras": ["keras"], "gluon": ["mxnet", "gluoncv"], None: []}
+_KERAS_BACKENDS = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch", "numpy": "numpy"}
 _TOX_DEPS = {"torch": ["torch"], "keras": ["tensorflow-cpu"], "gluon": ["mxnet", "gluoncv"], None: []}
 _INSTALL = re.compile(r"""pip install ["']?(?:\.|doconv-layers)\[([\w,]+)\]["']?((?:[ \t]+[A-Za-z][\w.-]*)*)""")
 
@@ -84,7 +85,10 @@ def test_block_names_its_install_line(line, code, framework, extras, packages):
 
 @pytest.mark.parametrize("line, code, framework, extras, packages", BLOCKS, ids=[f"line{b[0]}-{b[2]}" for b in BLOCKS])
 def test_block_runs(tmp_path, line, code, framework, extras, packages):
-    for module in _MODULES[framework] + [p.replace("-", "_") for p in packages]:
+    needed = _MODULES[framework] + [p.replace("-", "_") for p in packages]
+    if framework == "keras":  # keras imports its backend on import
+        needed.append(_KERAS_BACKENDS.get(os.environ.get("KERAS_BACKEND", "tensorflow"), "tensorflow"))
+    for module in needed:
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"README.md:{line} needs {module}, not installed in this env")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
