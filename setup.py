@@ -33,6 +33,14 @@ class OptionalBuildExt(build_ext):
         else:
             self._record("built")
 
+    def copy_extensions_to_source(self):
+        # An editable install (or build_ext --inplace) copies the kernel into src/doconv: the record goes with it.
+        super().copy_extensions_to_source()
+        package_dir = self.get_finalized_command("build_py").get_package_dir("doconv")
+        built = os.path.join(self.build_lib, "doconv", BUILD_RECORD)
+        if os.path.exists(built):
+            self.copy_file(built, os.path.join(package_dir, BUILD_RECORD), level=self.verbose)
+
     def _record(self, text):
         if text != "built":
             print(f"doconv: the C fold kernel was {text}; doconv folds with NumPy instead", file=sys.stderr)

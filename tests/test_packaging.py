@@ -152,3 +152,25 @@ def test_torch_extra_leaves_an_installed_torch_alone(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     installs = [item["metadata"]["name"] for item in json.loads(report.read_text())["install"]]
     assert installs == [DISTRIBUTION], (installs, torch.__version__)
+
+
+def test_a_failed_kernel_build_is_recorded_as_the_build_said_it(built, tmp_path):
+    """With a compiler that fails, the wheel still builds, without the kernel, and records why."""
+    sdist, _, _ = built
+    with tarfile.open(sdist) as tar:
+        tar.extractall(tmp_path / "src", **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    (source,) = (tmp_path / "src").iterdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path / "dist"), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "CC": "/bin/false"},
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        assert not [n for n in zf.namelist() if n.startswith("doconv/_foldkernel.")]
+        record = zf.read("doconv/_foldkernel-build.txt").decode().strip()
+    assert record.startswith("not built: ") and "/bin/false" in record, record
+    assert record in " ".join((proc.stdout + proc.stderr).split())  # the build printed the same words
