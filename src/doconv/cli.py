@@ -513,7 +513,7 @@ def _check_output(output: str, force: bool, prog: str) -> None:
         raise UsageError(f"output {output} exists; use --force to replace it", prog)
     folder = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(folder):
-        raise UsageError(f"output folder {folder} does not exist", prog)
+        raise UsageError(f"output folder {folder} does not exist or is not a folder", prog)
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"cannot write {output}: output folder {folder} is not writable", prog)
 
