@@ -192,3 +192,18 @@ def test_a_signal_mid_write_removes_the_temporary_file(checkpoint, tmp_path, sig
     assert err.strip().splitlines() == [f"doconv: interrupted ({signal.Signals(signum).name})"]
     assert sorted(os.listdir(tmp_path)) == ["doconv.pt", "out.pt"]
     assert output.read_bytes() == b"the previous output"
+
+
+def test_signal_handlers_are_restored_and_an_ignored_signal_stays_ignored():
+    from doconv._signals import SignalsRaise
+
+    before = signal.getsignal(signal.SIGTERM)
+    previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as under nohup or `cmd &`
+    try:
+        with SignalsRaise():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) not in (before, signal.SIG_IGN)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == before
+    finally:
+        signal.signal(signal.SIGINT, previous_int)

@@ -23,7 +23,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import zipfile
 from collections import OrderedDict
 from typing import Optional, Sequence
@@ -32,6 +31,7 @@ from . import __version__, core
 from ._files import NotRegularFile, special_kind, write_atomically
 from ._kernel_status import fold_kernel_status
 from ._optional import install_hint
+from ._signals import Signalled, SignalsRaise
 from .benchmarks.report import is_busy_note
 
 __all__ = ["main", "fuse_state_dict"]
@@ -147,43 +147,6 @@ def _build_parser() -> _Parser:
     return parser
 
 
-class Signalled(BaseException):
-    """SIGINT or SIGTERM arrived during a command (a BaseException, as KeyboardInterrupt is)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-class _SignalsRaise:
-    """Within it, SIGINT and SIGTERM raise :class:`Signalled` in the main thread, and are remembered.
-
-    Remembering matters because some libraries replace the exception: an interrupted
-    ``torch.save`` raises its own RuntimeError on the way out. ``received`` still says a
-    signal stopped the command. Elsewhere (another thread) the handlers cannot be set and
-    SIGTERM keeps its default action.
-    """
-
-    def __init__(self):
-        self.received: list[int] = []
-        self._previous: dict = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.received.append(signum)
-        raise Signalled(signum)
-
-    def __exit__(self, *exc):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        return False
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the ``doconv`` command line.
 
@@ -204,7 +167,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
-        with _SignalsRaise() as signals:
+        with SignalsRaise() as signals:
             try:
                 return _COMMANDS[args.command](args)
             except BaseException:
