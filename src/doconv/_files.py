@@ -88,7 +88,7 @@ def write_atomically(path: str, write: Callable[[BinaryIO], None], replace: bool
             except FileExistsError:  # someone else's file: never remove it
                 tmp = None
         else:
-            raise FileExistsError(errno.EEXIST, "no free temporary file name", folder)
+            raise OSError(f"no free temporary file name in {folder}")
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
