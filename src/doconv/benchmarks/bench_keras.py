@@ -31,7 +31,7 @@ def _keras():
         os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     from .._optional import require
 
-    keras = require("keras", "doconv.benchmarks.bench_keras", "keras", "Keras 3")
+    keras = require("keras", "doconv.benchmarks.bench_keras", "tensorflow", "Keras 3 with TensorFlow")
     if keras.backend.backend() != "tensorflow":
         raise RuntimeError(f"bench_keras needs KERAS_BACKEND=tensorflow. Received: {keras.backend.backend()!r}")
     return keras
