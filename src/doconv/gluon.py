@@ -963,7 +963,13 @@ def _copy_block(net):
     parameters get fresh gradient buffers (autograd marks do not survive a copy).
     """
     memo = {}
+    inside = {id(block._scope) for _, block in _walk(net)}
     for _, block in _walk(net):
+        # A block keeps the scope it was created in (stale state of name_scope()): that of its
+        # parent, which is outside the copy when ``net`` is not a root; the copy gets none.
+        outer = getattr(block._scope, "_old_scope", None)
+        if outer is not None and id(outer) not in inside:
+            memo[id(outer)] = None
         if isinstance(block, gluon.HybridBlock):
             memo[id(block._cached_op)] = None
             if not isinstance(block, gluon.SymbolBlock):  # a SymbolBlock's graph is its definition
