@@ -15,6 +15,7 @@ import warnings  # noqa: E402
 import numpy as np  # noqa: E402
 from mxnet import autograd, gluon, nd  # noqa: E402
 from mxnet.gluon import nn  # noqa: E402
+from zoo_gluon import blocks  # noqa: E402  (every block once: the zoo script's walk)
 
 from doconv import _fold_cpu  # noqa: E402
 from doconv.gluon import DOConv2D, convert_model, fold_kernel_in_use, fuse_model, get_params  # noqa: E402
@@ -38,15 +39,6 @@ def perturb_D(net, rng, scale=0.1):
     for block in blocks(net):
         if isinstance(block, DOConv2D) and block.D is not None:
             block.D.set_data(nd.array(scale * rng.standard_normal(block.D.shape), dtype=block.D.dtype))
-
-
-def blocks(block, seen=None):
-    seen = set() if seen is None else seen
-    if id(block) not in seen:
-        seen.add(id(block))
-        yield block
-        for child in block._children.values():
-            yield from blocks(child, seen)
 
 
 def round_trip(net, x, hybridize=True):

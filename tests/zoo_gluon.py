@@ -25,6 +25,7 @@ kernels are, and can reorder boxes whose scores differ in the last bits: it is s
 from __future__ import annotations
 
 import argparse
+import inspect
 import re
 import sys
 import time
@@ -48,12 +49,16 @@ DEFAULT = [
     "mobilenetv3_small",
     "squeezenet1.1",
     "densenet121",
+    "inceptionv3",
+    "darknet53",
     "vgg11_bn",
     "cifar_resnet20_v1",
     "ssd_512_resnet50_v1_voc",
     "ssd_512_mobilenet1.0_voc",
     "yolo3_mobilenet1.0_voc",
     "simple_pose_resnet18_v1b",
+    "center_net_resnet18_v1b_voc",
+    "fcn_resnet50_voc",
 ]
 TOLERANCE = 1e-5
 LAYER_OUTPUTS = []  # filled by record_output
@@ -126,14 +131,12 @@ def converted_and_left(messages: list, net) -> tuple[int, int]:
 
 def run(name: str, size: int, seed: int = 0) -> dict:
     from gluoncv.model_zoo import get_model
+    from gluoncv.model_zoo.model_zoo import _models as gluoncv_models
 
     mx.random.seed(seed)
-    try:  # detection, segmentation and pose networks would download their pretrained trunk
-        net = get_model(name, pretrained=False, pretrained_base=False)
-    except TypeError as err:  # a classification network: no trunk, no such argument
-        if "pretrained_base" not in str(err):
-            raise
-        net = get_model(name, pretrained=False)
+    # detection, segmentation and pose networks would download their pretrained trunk
+    has_trunk = "pretrained_base" in inspect.signature(gluoncv_models[name.lower()]).parameters
+    net = get_model(name, pretrained=False, **({"pretrained_base": False} if has_trunk else {}))
     net.initialize(mx.init.Xavier())
     x = nd.array(np.random.default_rng(seed).uniform(size=(1, 3, size, size)))
     if hasattr(net, "set_nms"):  # a detector: every box, in the order of the anchors (see above)
