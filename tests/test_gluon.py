@@ -435,6 +435,79 @@ def test_get_params_set_params_round_trip_and_errors():
         get_params(DOConv2D(6, 3))
 
 
+def snapshot_layer(layer):
+    """Everything set_params could change: shapes (deferred or not), values where there are any."""
+    return {
+        name: (p.shape, None if p._data is None else p.data().asnumpy().copy(), bool(p._deferred_init))
+        for name, p in layer.collect_params().items()
+    }
+
+
+def assert_same_state(layer, before):
+    after = snapshot_layer(layer)
+    assert sorted(after) == sorted(before)
+    for name, (shape, value, deferred) in before.items():
+        assert after[name][0] == shape and after[name][2] == deferred, name
+        if value is not None:
+            np.testing.assert_array_equal(after[name][1], value)
+
+
+BAD_ENTRIES = [
+    (
+        dict(D=np.full((3, 3, 4), "a")),
+        TypeError,
+        r"params\['D'\] must be an array of real numbers. Received: an array of dtype <U1",
+    ),
+    (dict(D=np.empty((3, 3, 4), dtype=object)), TypeError, r"params\['D'\] .*dtype object"),
+    (dict(bias=np.ones(6, dtype=complex)), TypeError, r"params\['bias'\] .*dtype complex128"),
+    (dict(bias=np.ones(6, dtype=bool)), TypeError, r"params\['bias'\] .*dtype bool"),
+    (dict(D=None), ValueError, r"params\['D'\] does not fit .*expected shape \(3, 3, 4\), received None"),
+    (dict(Bias=np.zeros(6)), ValueError, r"unknown entries \['Bias'\]; expected 'W', 'D' and 'bias'. Received: keys"),
+    (
+        dict(W=np.zeros((6, 2, 4))),
+        ValueError,
+        r"params\['W'\] does not fit .*expected shape \(6, 1, 4\), received \(6, 2, 4\)",
+    ),
+]
+
+
+@pytest.mark.parametrize("change, error, message", BAD_ENTRIES, ids=[str(sorted(c)) for c, _, _ in BAD_ENTRIES])
+def test_set_params_checks_every_entry_before_writing_anything(change, error, message):
+    rng = np.random.default_rng(15)
+    good = {
+        "W": rng.standard_normal((6, 1, 4)),  # W comes first: a lenient set_params would write it before failing
+        "D": rng.standard_normal((3, 3, 4)),
+        "bias": rng.standard_normal(6),
+    }
+    layer = DOConv2D(6, (3, 1), groups=3, in_channels=3, D_mul=4)
+    layer.initialize()
+    before = snapshot_layer(layer)
+    with pytest.raises(error, match=message):
+        set_params(layer, dict(good, **change))
+    assert_same_state(layer, before)
+    deferred = DOConv2D(6, (3, 1), groups=3, D_mul=4)
+    deferred.initialize()
+    before = snapshot_layer(deferred)
+    if "W" not in change:  # with in_channels still open, a W of 2 channels per group would fit
+        with pytest.raises(error, match=message):
+            set_params(deferred, dict(good, **change))
+    assert_same_state(deferred, before)
+    assert deferred.in_channels == 0, "a refused call leaves the input channels open"
+    assert deferred(nd.ones((1, 9, 4, 4))).shape == (1, 6, 2, 4), "and the first input still decides them"
+
+
+def test_set_params_takes_ndarrays_lists_and_integers_and_casts_them():
+    layer = DOConv2D(2, 1, in_channels=1)
+    layer.initialize()
+    layer.cast("float64")
+    set_params(layer, {"W": nd.array([[[3.0]], [[4.0]]]), "D": None, "bias": [1, 2]})
+    back = get_params(layer)
+    assert back["W"].dtype == np.float64 and back["W"].ravel().tolist() == [3.0, 4.0]
+    assert back["bias"].tolist() == [1.0, 2.0]
+    with pytest.raises(TypeError, match=r"params must be a dict of 'W', 'D' and 'bias'. Received: list"):
+        set_params(layer, [back["W"], None, back["bias"]])
+
+
 @pytest.mark.parametrize(
     "call, error, message",
     [
@@ -598,9 +671,14 @@ def test_convert_model_D_mul_forms_and_warnings():
     with pytest.warns(UserWarning, match=r"D_mul=4 is smaller than K for 2 layer\(s\).*stem \(K=9\), body.2 \(K=9\)"):
         do = convert_model(net, D_mul=4)
     assert (do.stem.D_mul, do.body[0].D_mul, do.body[2].D_mul, do.head.D_mul) == (9, 4, 9, 1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         do = convert_model(net, D_mul=12)
+    # the one warning names the transposed convolution, which has no DO-Conv counterpart
+    assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == [
+        "convert_model replaced 4 layer(s) and left 1 conv layer(s) as they are: "
+        "up (mxnet.gluon.nn.conv_layers.Conv2DTranspose)"
+    ]
     assert (do.stem.D_mul, do.body[0].D_mul, do.body[2].D_mul) == (12, 12, 12)
     seen = []
 

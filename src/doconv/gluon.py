@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import json
 import os
 import warnings
+from collections.abc import Mapping
 from typing import Any, Callable, Optional, Union
 
 import numpy as np
@@ -36,6 +38,7 @@ mx = require("mxnet", "doconv.gluon", "gluon", "MXNet")
 
 from mxnet import gluon, nd, symbol  # noqa: E402
 from mxnet.gluon import nn  # noqa: E402
+from mxnet.gluon.contrib.cnn import DeformableConvolution, ModulatedDeformableConvolution  # noqa: E402
 
 __all__ = [
     "DOConv2D",
@@ -494,7 +497,11 @@ class DOConv2D(gluon.HybridBlock):
 
         The kernel is OIHW for layout NCHW and OHWI for NHWC (MXNet 1.x runs NHWC
         convolutions on GPU only). The new layer keeps this layer's prefix, so its
-        parameters are named like the convolution this layer replaced.
+        parameters are named like the convolution this layer replaced, and what the user
+        set up: contexts, dtypes, ``lr_mult``/``wd_mult``, ``grad_req`` (the kernel's is W's,
+        or D's where W's is ``'null'``: the kernel is frozen only if W and D both are), the
+        hybridize flags and the forward (pre-)hooks (the same hook tables, so a handle
+        from ``register_forward_hook`` detaches the hook from both layers).
 
         Returns:
             An initialized ``gluon.nn.Conv2D`` on the same contexts, in the same dtype.
@@ -511,20 +518,31 @@ class DOConv2D(gluon.HybridBlock):
             >>> bool(abs(conv(x) - layer(x)).max() < 1e-5)
             True
         """
-        W = _require_data(self.W, "fuse()")
+        return self._fused()
+
+    def _fused(self, tied_to: Optional[nn.Conv2D] = None) -> nn.Conv2D:
+        """:meth:`fuse`; with ``tied_to`` (the fused layer of a DOConv2D sharing this layer's W, D
+        and bias), a Conv2D sharing the parameters of ``tied_to``, which already hold the kernel."""
+        _require_data(self.W, "fuse()")
         params = get_params(self)
-        kernel = core.fold(params["W"].astype(np.float64), _as64(params["D"]), self._groups, self._kernel_size)
-        kernel = core.kernel_to_gluon(kernel, self._data_format)
-        conv = nn.Conv2D(in_channels=self.in_channels, prefix=self.prefix, **self._conv_arguments())
-        conv.initialize(ctx=self.W.list_ctx())
-        conv.cast(W.dtype)
-        conv.weight.set_data(nd.array(kernel, dtype=W.dtype))
-        if self._use_bias:
-            conv.bias.set_data(nd.array(params["bias"], dtype=W.dtype))
-        _copy_param_settings(self.W, conv.weight)
-        if self._use_bias:
-            _copy_param_settings(self.bias, conv.bias)
-        conv._active, conv._flags = self._active, list(self._flags)
+        conv = nn.Conv2D(
+            in_channels=self.in_channels,
+            prefix=self.prefix,
+            params=None if tied_to is None else tied_to.params,
+            **self._conv_arguments(),
+        )
+        if tied_to is None:
+            kernel = core.fold(params["W"].astype(np.float64), _as64(params["D"]), self._groups, self._kernel_size)
+            kernel = core.kernel_to_gluon(kernel, self._data_format)
+            trainable = self.W if self.W.grad_req != "null" or self.D is None else self.D
+            _copy_param_settings(self.W, conv.weight, grad_req=trainable.grad_req)
+            if self._use_bias:
+                _copy_param_settings(self.bias, conv.bias)
+            conv.initialize(ctx=self.W.list_ctx())
+            conv.weight.set_data(nd.array(kernel, dtype=conv.weight.dtype))
+            if self._use_bias:
+                conv.bias.set_data(nd.array(params["bias"], dtype=conv.bias.dtype))
+        _carry_block_state(self, conv)
         return conv
 
     @classmethod
@@ -534,9 +552,12 @@ class DOConv2D(gluon.HybridBlock):
         D = 0, the kernel in W's first identity tile, zeros in the other tiles; W's columns
         past the last tile keep their random init (they meet a zero identity, so they do
         not change the output, see :func:`doconv.core.embed_kernel`). The new layer keeps
-        ``conv``'s prefix, contexts, dtype, initializers and ``grad_req``/``lr_mult``/``wd_mult``.
-        If ``conv`` is not initialized, neither is the new layer; if it waits for its first
-        input (deferred initialisation), so does the new layer, with the same initializer.
+        what the user set up on ``conv``: its prefix, contexts, dtypes, initializers,
+        ``grad_req``/``lr_mult``/``wd_mult`` (W and D take the kernel's, the bias the bias's),
+        hybridize flags and forward (pre-)hooks (the same hook tables, so a handle from
+        ``register_forward_hook`` detaches the hook from both layers). If ``conv`` is not
+        initialized, neither is the new layer; if it waits for its first input (deferred
+        initialisation), so does the new layer, with the same initializer.
 
         Args:
             conv: a ``gluon.nn.Conv2D``.
@@ -558,6 +579,12 @@ class DOConv2D(gluon.HybridBlock):
             >>> bool(abs(conv(x) - layer(x)).max() < 1e-5)
             True
         """
+        return cls._from_conv(conv, D_mul)
+
+    @classmethod
+    def _from_conv(cls, conv: nn.Conv2D, D_mul: Optional[int], tied_to: Optional[DOConv2D] = None) -> DOConv2D:
+        """:meth:`from_conv`; with ``tied_to`` (the layer made from a Conv2D sharing ``conv``'s
+        weight and bias), a layer sharing the W, D and bias of ``tied_to``, which hold the values."""
         if not isinstance(conv, nn.Conv2D):
             raise TypeError(f"from_conv needs a gluon.nn.Conv2D. Received: {type(conv).__name__}")
         kw = conv._kwargs
@@ -581,12 +608,14 @@ class DOConv2D(gluon.HybridBlock):
             in_channels=C_in_g * groups,
             D_mul=D_mul,
             prefix=conv.prefix,
+            params=None if tied_to is None else tied_to.params,
         )
-        pairs = [(conv.weight, layer.W), (conv.weight, layer.D), (conv.bias, layer.bias)]
-        for source, target in pairs:
+        _carry_block_state(conv, layer)
+        if tied_to is not None:
+            return layer
+        for source, target in ((conv.weight, layer.W), (conv.weight, layer.D), (conv.bias, layer.bias)):
             if target is not None:
                 _copy_param_settings(source, target)
-        layer._active, layer._flags = conv._active, list(conv._flags)
         weight = conv.weight
         if weight._data is None:
             if weight._deferred_init:
@@ -595,13 +624,11 @@ class DOConv2D(gluon.HybridBlock):
                     raise ValueError(f"{conv.name} holds a value set before its first call; run one forward pass first")
                 # Waiting for its first input: wait the same way, with the same initializer.
                 layer.initialize(init=default_init, ctx=ctx)
-            layer.cast(weight.dtype)
             return layer
         layer.initialize(ctx=weight.list_ctx())
-        layer.cast(weight.dtype)
         kernel = core.kernel_from_gluon(weight._data[0].asnumpy(), data_format)
         params = get_params(layer)
-        params["W"] = core.embed_kernel(kernel, params["W"]).astype(params["W"].dtype)
+        params["W"] = core.embed_kernel(kernel, params["W"])
         if conv.bias is not None:
             params["bias"] = conv.bias.data(weight.list_ctx()[0]).asnumpy()
         set_params(layer, params)
@@ -612,18 +639,30 @@ def _as64(array):
     return None if array is None else array.astype(np.float64)
 
 
-def _copy_param_settings(source, target) -> None:
-    target.grad_req = source.grad_req
+def _copy_param_settings(source, target, grad_req: Optional[str] = None) -> None:
+    """What a user sets on a parameter, onto the one replacing it (before it holds a value)."""
+    target.grad_req = source.grad_req if grad_req is None else grad_req
     target.lr_mult = source.lr_mult
     target.wd_mult = source.wd_mult
+    target.cast(np.dtype(source.dtype).type)  # 'float64' or np.float64 alike: a NumPy type, as data has
+
+
+def _carry_block_state(source, target) -> None:
+    """What a user sets on a block, onto the block replacing it: hybridize flags, hooks, op hook."""
+    target._active, target._flags = source._active, list(source._flags)
+    # The same tables, not copies: a HookHandle detaches by looking its hook up in its table.
+    target._forward_pre_hooks = source._forward_pre_hooks
+    target._forward_hooks = source._forward_hooks
+    target._callback, target._monitor_all = source._callback, source._monitor_all
 
 
 # ------------------------------------------------------------------------------------ parameters
-def _expected_shapes(block: DOConv2D) -> dict:
-    C_in = block.in_channels
-    C_in_g = C_in // block._groups
+_KEYS = ("W", "D", "bias")
+
+
+def _expected_shapes(block: DOConv2D, C_in: int) -> dict:
     return {
-        "W": (block._channels, C_in_g, block.D_mul),
+        "W": (block._channels, C_in // block._groups, block.D_mul),
         "D": (C_in, block._K, block.D_mul) if block.D is not None else None,
         "bias": (block._channels,) if block.bias is not None else None,
     }
@@ -632,6 +671,21 @@ def _expected_shapes(block: DOConv2D) -> dict:
 def _check_block(block) -> None:
     if not isinstance(block, DOConv2D):
         raise TypeError(f"Expected a doconv.gluon.DOConv2D. Received: {type(block).__name__}")
+
+
+def _numeric(key: str, value) -> Optional[np.ndarray]:
+    """``params[key]`` as a NumPy array of real numbers (None stays None), or a TypeError naming it."""
+    if value is None:
+        return None
+    if isinstance(value, nd.NDArray):  # np.asarray would make an object array of it
+        value = value.asnumpy()
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"params[{key!r}] must be an array of real numbers. Received: {value!r:.80} ({err})") from None
+    if array.dtype.kind not in "iuf":
+        raise TypeError(f"params[{key!r}] must be an array of real numbers. Received: an array of dtype {array.dtype}")
+    return array
 
 
 def get_params(block: DOConv2D) -> dict:
@@ -657,7 +711,7 @@ def get_params(block: DOConv2D) -> dict:
     """
     _check_block(block)
     out = {}
-    for key, param in (("W", block.W), ("D", block.D), ("bias", block.bias)):
+    for key, param in zip(_KEYS, (block.W, block.D, block.bias)):
         out[key] = None if param is None else _require_data(param, "get_params()").asnumpy()
     return out
 
@@ -665,19 +719,23 @@ def get_params(block: DOConv2D) -> dict:
 def set_params(block: DOConv2D, params: dict) -> DOConv2D:
     """Load canonical NumPy parameters into a layer: the inverse of :func:`get_params`.
 
-    A layer still waiting for its input channels takes them from ``params["W"]``; a layer
-    not initialized at all is initialized on the current context. Values are cast to the
-    layer's dtype.
+    Every entry is checked and converted before anything is written, so a refused call
+    leaves the layer exactly as it was (a layer still waiting for its input channels
+    keeps waiting). A layer waiting for its input channels takes them from ``params["W"]``;
+    a layer not initialized at all is initialized on the current context. Values are cast
+    to the parameters' dtypes.
 
     Args:
         block: a :class:`DOConv2D`.
-        params: ``{"W": ..., "D": ... or None, "bias": ... or None}`` (a missing key means None).
+        params: ``{"W": ..., "D": ... or None, "bias": ... or None}`` (a missing key means
+            None): NumPy arrays, NDArrays or nested sequences of real numbers.
 
     Returns:
         ``block``, for chaining.
 
     Raises:
-        TypeError: ``block`` is not a DOConv2D.
+        TypeError: ``block`` is not a DOConv2D, ``params`` is not a mapping, or an entry does
+            not hold real numbers (strings, objects, complex numbers, booleans).
         ValueError: an unknown key, or an entry whose shape (or presence) does not match the
             layer; the message names the entry and both shapes.
 
@@ -690,57 +748,211 @@ def set_params(block: DOConv2D, params: dict) -> DOConv2D:
         2.0
     """
     _check_block(block)
-    unknown = set(params) - {"W", "D", "bias"}
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a dict of 'W', 'D' and 'bias'. Received: {type(params).__name__}")
+    unknown = set(params) - set(_KEYS)
     if unknown:
-        raise ValueError(f"params has unknown entries {sorted(unknown)}; expected 'W', 'D' and 'bias'")
-    values = {key: params.get(key) for key in ("W", "D", "bias")}
-    if not block.in_channels:
+        raise ValueError(
+            f"params has unknown entries {sorted(map(str, unknown))}; expected 'W', 'D' and 'bias'. "
+            f"Received: keys {sorted(map(str, params))}"
+        )
+    values = {key: _numeric(key, params.get(key)) for key in _KEYS}
+    C_in = block.in_channels
+    if not C_in:  # the layer waits for its input channels: W says how many, once it is checked
         W = values["W"]
-        if W is None or np.ndim(W) != 3:
+        if W is None or W.ndim != 3 or W.shape[1] < 1:
             raise ValueError(
                 "params['W'] must have shape (C_out, C_in/groups, D_mul). "
-                f"Received: W.shape={None if W is None else np.shape(W)}"
+                f"Received: W.shape={None if W is None else W.shape}"
             )
-        block._set_in_channels(
-            (1, np.shape(W)[1] * block._groups, 1, 1)
-            if block._data_format == core.CHANNELS_FIRST
-            else (1, 1, 1, np.shape(W)[1] * block._groups)
-        )
-    expected = _expected_shapes(block)
-    for key, shape in expected.items():
+        C_in = W.shape[1] * block._groups
+    arrays = {}
+    for key, shape in _expected_shapes(block, C_in).items():
         value = values[key]
-        got = None if value is None else np.shape(value)
+        got = None if value is None else value.shape
         if got != shape:
             raise ValueError(
                 f"params[{key!r}] does not fit {block.name}: expected shape {shape}, received {got}"
                 + (" (None means the layer has no such parameter)" if shape is None or got is None else "")
             )
-    for key, param in (("W", block.W), ("D", block.D), ("bias", block.bias)):
-        if param is None:
-            continue
+        if value is not None:
+            param = getattr(block, key)
+            arrays[key] = nd.array(value.astype(np.dtype(param.dtype), copy=False), dtype=param.dtype)
+    # Everything is checked and converted: only now is the layer changed.
+    if not block.in_channels:
+        block._set_in_channels((1, C_in, 1, 1) if block._data_format == core.CHANNELS_FIRST else (1, 1, 1, C_in))
+    for key, array in arrays.items():
+        param = getattr(block, key)
         if param._data is None and not param._deferred_init:
             param.initialize()
-        param.set_data(nd.array(values[key], dtype=param.dtype))
+        param.set_data(array)
         param._finish_deferred_init()
     return block
 
 
 # ------------------------------------------------------------------------------- whole networks
+#
+# convert_model and fuse_model find their targets (blocks of exactly one class) and every other
+# conv-like block in one walk of the tree, each block once however often it is registered; build
+# every replacement first (so a failure changes nothing); then put them in place wherever the tree
+# refers to the old block, and name what they left in one warning.
+
+_OTHER_CONVS = (
+    nn.Conv1D,
+    nn.Conv2D,  # its subclasses: a Conv2D itself is a target
+    nn.Conv3D,
+    nn.Conv1DTranspose,
+    nn.Conv2DTranspose,
+    nn.Conv3DTranspose,
+    DeformableConvolution,
+    ModulatedDeformableConvolution,
+)
+
+
+def _child_path(path: str, key) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _survey(root, is_target) -> list:
+    """(path, block) for each block of the tree once, depth first, at the first path it is found
+    at; the children of a target are not entered (the target is replaced whole)."""
+    found, seen = [], set()
+
+    def visit(path, block):
+        if id(block) in seen:
+            return
+        seen.add(id(block))
+        found.append((path, block))
+        if not is_target(block):
+            for key, child in block._children.items():
+                visit(_child_path(path, key), child)
+
+    visit("", root)
+    return found
+
+
 def _walk(block, path: str = ""):
     """Yield (path, block) for block and all its descendants, depth first."""
     yield path, block
     for key, child in block._children.items():
-        yield from _walk(child, f"{path}.{key}" if path else str(key))
+        yield from _walk(child, _child_path(path, key))
 
 
-def _targets(block, is_target, path: str = ""):
-    """Yield (parent, key, child, path) for the blocks ``is_target`` accepts, in depth-first order."""
-    for key, child in block._children.items():
-        child_path = f"{path}.{key}" if path else str(key)
-        if is_target(child):
-            yield block, key, child, child_path
-        else:
-            yield from _targets(child, is_target, child_path)
+def _graph_nodes(block, accept) -> Optional[int]:
+    """How many nodes of a SymbolBlock's graph ``accept`` takes; None if the graph cannot be read."""
+    try:
+        nodes = json.loads(block._cached_graph[1].tojson())["nodes"]
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        return None
+    return sum(1 for node in nodes if accept(node))
+
+
+def _left_by_convert(block) -> Optional[tuple[int, str]]:
+    """(count, description) of the conv layers convert_model leaves in ``block``, None if none."""
+    if type(block) is nn.Conv2D or isinstance(block, DOConv2D):
+        return None
+    if isinstance(block, _OTHER_CONVS):
+        return 1, _class_name(block)
+    if isinstance(block, gluon.SymbolBlock):
+        count = _graph_nodes(block, lambda node: node["op"] in ("Convolution", "Deconvolution"))
+        if count is None:
+            return 1, f"{_class_name(block)}, a SymbolBlock whose graph could not be read"
+        if count:
+            return count, f"{_class_name(block)}, a SymbolBlock with {count} Convolution/Deconvolution ops"
+    return None
+
+
+def _left_by_fuse(block) -> Optional[tuple[int, str]]:
+    """(count, description) of the DO-Conv layers fuse_model leaves in ``block``, None if none."""
+    if type(block) is not DOConv2D and isinstance(block, DOConv2D):
+        return 1, _class_name(block)
+    if isinstance(block, gluon.SymbolBlock):
+        count = _graph_nodes(block, lambda node: node.get("attrs", {}).get("op_type") == "doconv_fold")
+        if count:
+            return count, f"{_class_name(block)}, a SymbolBlock with {count} doconv_fold ops"
+    return None
+
+
+def _class_name(block) -> str:
+    cls = type(block)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _tie_groups(targets, kernel_of) -> list:
+    """The targets grouped by their kernel parameter: a group of several shares one kernel."""
+    groups = {}
+    for path, block in targets:
+        groups.setdefault(id(kernel_of(block)), []).append((path, block))
+    return list(groups.values())
+
+
+def _check_ties(what: str, group, shared_of, settings_of) -> None:
+    """Layers sharing a kernel become layers sharing all their parameters: refuse what cannot."""
+    first_path, first = group[0]
+    for path, block in group[1:]:
+        if any(a is not b for a, b in zip(shared_of(first), shared_of(block))) or settings_of(block) != settings_of(
+            first
+        ):
+            raise ValueError(
+                f"{what}: {first_path} and {path} share their kernel but not all their parameters, groups and "
+                "layout; the replacing layers can share their kernel only together with the rest "
+                f"(Received: {first_path}: {settings_of(first)}, {path}: {settings_of(block)})"
+            )
+
+
+def _params_of(block) -> list:
+    params = list(block._reg_params.values()) + list(block.params.values())
+    return list({id(p): p for p in params}.values())
+
+
+def _check_no_outside_sharing(what: str, found, plan) -> None:
+    """A parameter of a replaced block used by a block left in place would silently stop being shared."""
+    replaced = {id(p): path for path, block in found if id(block) in plan for p in _params_of(block)}
+    for path, block in found:
+        if id(block) in plan:
+            continue
+        for param in _params_of(block):
+            if id(param) in replaced:
+                raise ValueError(
+                    f"{what}: {path or type(block).__name__} ({_class_name(block)}) shares the parameter "
+                    f"{param.name} with {replaced[id(param)]}, which would be replaced while it is not"
+                )
+
+
+def _swap(value, plan):
+    """``value`` with the replaced blocks in it (itself, or one level of list, tuple or dict) replaced."""
+    if isinstance(value, gluon.Block):
+        return plan.get(id(value), value)
+    if isinstance(value, (list, tuple, dict)):
+        items = value.values() if isinstance(value, dict) else value
+        if not any(isinstance(item, gluon.Block) and id(item) in plan for item in items):
+            return value
+    if isinstance(value, list):
+        value[:] = [_swap(item, plan) if isinstance(item, gluon.Block) else item for item in value]
+    elif type(value) is tuple:
+        return tuple(_swap(item, plan) if isinstance(item, gluon.Block) else item for item in value)
+    elif isinstance(value, dict):
+        for key, item in list(value.items()):
+            if isinstance(item, gluon.Block):
+                value[key] = _swap(item, plan)
+    return value
+
+
+def _put_in_place(found, plan) -> None:
+    """Every reference the tree's blocks hold to a replaced block, as child or attribute (also in a
+    list, tuple or dict attribute), now refers to its replacement."""
+    for _, block in found:
+        if id(block) in plan:
+            continue
+        for key, child in list(block._children.items()):
+            if id(child) in plan:
+                block._children[key] = plan[id(child)]
+        for name, value in list(vars(block).items()):
+            if name in ("_children", "_reg_params", "_cached_graph", "_cached_op", "_cached_op_args"):
+                continue
+            new = _swap(value, plan)
+            if new is not value:
+                object.__setattr__(block, name, new)  # Block.__setattr__ refuses a change of type
 
 
 def _copy_block(net):
@@ -751,7 +963,13 @@ def _copy_block(net):
     parameters get fresh gradient buffers (autograd marks do not survive a copy).
     """
     memo = {}
+    inside = {id(block._scope) for _, block in _walk(net)}
     for _, block in _walk(net):
+        # A block keeps the scope it was created in (stale state of name_scope()): that of its
+        # parent, which is outside the copy when ``net`` is not a root; the copy gets none.
+        outer = getattr(block._scope, "_old_scope", None)
+        if outer is not None and id(outer) not in inside:
+            memo[id(outer)] = None
         if isinstance(block, gluon.HybridBlock):
             memo[id(block._cached_op)] = None
             if not isinstance(block, gluon.SymbolBlock):  # a SymbolBlock's graph is its definition
@@ -772,32 +990,41 @@ def _copy_block(net):
     return new
 
 
-def _replace(net, is_target, make, what: str, inplace: bool):
-    """Replace every block that ``is_target`` accepts by ``make(path, block)`` (None: leave it).
+def _replace(net, what: str, is_target, left_in, kernel_of, build, inplace: bool):
+    """Replace every block that ``is_target`` accepts; ``build(group)`` makes the replacements of
+    one group of targets sharing a kernel (``kernel_of``), None for a target to leave as it is.
 
-    All replacements are built before the first one is put in place, so a failure leaves
-    the network as it was, also with ``inplace=True``.
+    All replacements are built before the first one is put in place, so a failure leaves the
+    network as it was, also with ``inplace=True``. One warning names every conv-like block left
+    (``left_in``) with the counts, or says that there was nothing to replace.
     """
     target = net if inplace else _copy_block(net)
-    if is_target(target):
-        new = make("", target)
-        return target if new is None else new
-    plan = []
-    for parent, key, child, path in _targets(target, is_target):
-        new = make(path, child)
-        if new is not None:
-            plan.append((parent, key, child, new))
-    if not plan:
+    found = _survey(target, is_target)
+    plan = {}
+    for group in _tie_groups([(p, b) for p, b in found if is_target(b)], kernel_of):
+        for (_, old), new in zip(group, build(group)):
+            if new is not None:
+                plan[id(old)] = new
+    _check_no_outside_sharing(what, found, plan)
+    if id(target) in plan:
+        result = plan[id(target)]
+    else:
+        result = target
+        _put_in_place(found, plan)
+        for _, block in _walk(target):
+            if isinstance(block, gluon.HybridBlock):
+                block._clear_cached_op()
+    left = [(path, *info) for path, block in found if (info := left_in(block)) is not None]
+    if left:
+        warnings.warn(
+            f"{what} replaced {len(plan)} layer(s) and left {sum(count for _, count, _ in left)} conv layer(s) as "
+            "they are: " + "; ".join(f"{path or '(the given block)'} ({description})" for path, _, description in left),
+            UserWarning,
+            stacklevel=3,
+        )
+    elif not plan:
         warnings.warn(f"{what} found nothing to replace in {type(net).__name__}", UserWarning, stacklevel=3)
-        return target
-    for parent, key, old, new in plan:
-        parent._children[key] = new
-        if parent.__dict__.get(key) is old:
-            object.__setattr__(parent, key, new)  # Block.__setattr__ refuses a change of type
-    for _, block in _walk(target):
-        if isinstance(block, gluon.HybridBlock):
-            block._clear_cached_op()
-    return target
+    return result
 
 
 def convert_model(
@@ -808,19 +1035,32 @@ def convert_model(
     """Replace every ``gluon.nn.Conv2D`` of a network by a :class:`DOConv2D` with the same output.
 
     Works on any Block tree (children set as attributes, ``HybridSequential``, ...), e.g.
-    a GluonCV model-zoo network; each layer is made by :meth:`DOConv2D.from_conv`.
+    a GluonCV model-zoo network; each layer is made by :meth:`DOConv2D.from_conv`, so it
+    keeps what the user set up (``grad_req``: W and D follow the kernel's, the bias the
+    bias's; contexts, dtypes, names, hooks). Only blocks of exactly the class
+    ``gluon.nn.Conv2D`` are converted: a subclass keeps its own forward pass, so it is left
+    as it is, as are other convolutions (Conv1D, Conv2DTranspose, ...) and the graphs inside
+    SymbolBlocks; one warning names each of them with its class, and gives the counts. A
+    Conv2D registered at several places becomes one DOConv2D registered at the same places;
+    Conv2Ds sharing their parameters (``params=``) become DOConv2Ds sharing W, D and bias.
 
     Args:
-        net: the network (a ``Conv2D`` itself is converted too).
+        net: the network (a ``Conv2D`` itself is converted too: the result is the new layer).
         D_mul: None (default): each layer's K. An int: ``max(D_mul, K)`` per layer, with one
             warning naming the layers whose K was larger. A callable ``(name, conv) -> int | None``
             deciding per layer (``name`` is the dotted path of child names, e.g.
-            ``"features.4.0.body.0"``); None leaves that conv as it is.
+            ``"features.4.0.body.0"``, the first one for a layer registered at several places);
+            None leaves that conv as it is. Convs sharing parameters need one value.
         inplace: change ``net`` itself instead of a copy. Default False.
 
     Returns:
         The converted network: a copy unless ``inplace``. ``net`` is untouched unless
         ``inplace``, also when the call fails. Warns when there was nothing to convert.
+
+    Raises:
+        ValueError: a bad ``D_mul``; convs sharing parameters that cannot stay shared (different
+            ``D_mul``, groups or layout, or a kernel shared without the bias, or with a block that
+            is not converted); the message names the layers.
 
     Example:
         >>> from mxnet import gluon
@@ -832,22 +1072,38 @@ def convert_model(
     """
     larger = []
 
-    def make(name, conv):
+    def D_mul_for(name, conv):
         K = core.kernel_volume(conv._kwargs["kernel"])
         if D_mul is None:
-            value = None
-        elif callable(D_mul):
-            value = D_mul(name, conv)
-            if value is None:
-                return None
-        else:
-            value = core.check_int(D_mul, "D_mul")
-            if K > value:
-                larger.append(f"{name or type(conv).__name__} (K={K})")
-                value = K
-        return DOConv2D.from_conv(conv, D_mul=value)
+            return K
+        if callable(D_mul):
+            return D_mul(name, conv)
+        value = core.check_int(D_mul, "D_mul")
+        if K > value:
+            larger.append(f"{name or type(conv).__name__} (K={K})")
+        return max(value, K)
 
-    out = _replace(net, lambda b: isinstance(b, nn.Conv2D), make, "convert_model", inplace)
+    def build(group):
+        values = [D_mul_for(name, conv) for name, conv in group]
+        if all(value is None for value in values):
+            return [None] * len(group)
+        if len(set(values)) > 1:
+            raise ValueError(
+                f"convert_model: {', '.join(name for name, _ in group)} share their kernel, so they need one D_mul. "
+                f"Received: D_mul={values}"
+            )
+        _check_ties(
+            "convert_model",
+            group,
+            lambda conv: (conv.bias,),
+            lambda conv: {"groups": conv._kwargs["num_group"], "layout": conv._kwargs["layout"]},
+        )
+        head = DOConv2D._from_conv(group[0][1], values[0])
+        return [head] + [DOConv2D._from_conv(conv, values[0], tied_to=head) for _, conv in group[1:]]
+
+    out = _replace(
+        net, "convert_model", lambda b: type(b) is nn.Conv2D, _left_by_convert, lambda b: b.weight, build, inplace
+    )
     if larger:
         warnings.warn(
             f"D_mul={D_mul} is smaller than K for {len(larger)} layer(s), which use D_mul = K instead: "
@@ -862,15 +1118,25 @@ def fuse_model(net, inplace: bool = False):
     """Replace every :class:`DOConv2D` of a network by its folded ``gluon.nn.Conv2D``.
 
     The result has the native network's parameters (names included) and cost, and the
-    DO-Conv network's outputs.
+    DO-Conv network's outputs; each layer is made by :meth:`DOConv2D.fuse`, so it keeps what
+    the user set up. Only blocks of exactly the class DOConv2D are fused; one warning names
+    each subclass left as it is, and each SymbolBlock holding ``doconv_fold`` ops (a DO-Conv
+    network exported unfused). A DOConv2D registered at several places becomes one Conv2D
+    registered at the same places; DOConv2Ds sharing their parameters become Conv2Ds sharing
+    theirs.
 
     Args:
-        net: the network (a DOConv2D itself is fused too).
+        net: the network (a DOConv2D itself is fused too: the result is the new layer).
         inplace: change ``net`` itself instead of a copy. Default False.
 
     Returns:
         The fused network: a copy unless ``inplace``; ``net`` is untouched unless
         ``inplace``, also when the call fails. Warns when there was nothing to fuse.
+
+    Raises:
+        RuntimeError: a DOConv2D is not initialized yet.
+        ValueError: DOConv2Ds share W but not D or the bias, or share a parameter with a block
+            that is not fused; the message names the layers.
 
     Example:
         >>> from mxnet import gluon
@@ -880,4 +1146,15 @@ def fuse_model(net, inplace: bool = False):
         >>> type(fuse_model(net)[0]).__name__
         'Conv2D'
     """
-    return _replace(net, lambda b: isinstance(b, DOConv2D), lambda name, layer: layer.fuse(), "fuse_model", inplace)
+
+    def build(group):
+        _check_ties(
+            "fuse_model",
+            group,
+            lambda layer: (layer.D, layer.bias),
+            lambda layer: {"groups": layer._groups, "layout": layer._layout},
+        )
+        head = group[0][1]._fused()
+        return [head] + [layer._fused(tied_to=head) for _, layer in group[1:]]
+
+    return _replace(net, "fuse_model", lambda b: type(b) is DOConv2D, _left_by_fuse, lambda b: b.W, build, inplace)
