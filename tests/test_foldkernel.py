@@ -77,6 +77,8 @@ def call(name, a, b, out, groups, split):
     function = getattr(kernel, name)
     if split == "one call":
         function(a, b, out, groups, 3)
+    elif split == "more parts than items":
+        function(a, b, out, groups, 64)
     elif split == "per part":
         for part in range(3):
             function(a, b, out, groups, 3, part)
@@ -106,7 +108,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("split", ["one call", "per part", "_fold_cpu.run"])
+@pytest.mark.parametrize("split", ["one call", "per part", "more parts than items", "_fold_cpu.run"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("C_out,C_in,groups,K,D_mul", CASES)
 @pytest.mark.parametrize("name", NAMES)

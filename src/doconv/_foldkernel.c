@@ -327,8 +327,8 @@ static void job_worker(void *arg) {
     for (;;) {
         const Py_ssize_t part = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED);
         if (part >= j->end) return;
-        const Py_ssize_t start = part * q + (part < r ? part : r);
-        j->range(j, start, start + q + (part < r));
+        const Py_ssize_t start = part * q + (part < r ? part : r), stop = start + q + (part < r);
+        if (start < stop) j->range(j, start, stop); /* more parts than items leaves some empty */
     }
 }
 
