@@ -45,20 +45,23 @@
  * stack array grows with the problem, whatever K and D_mul are (the sanitize env builds with
  * -Werror=stack-usage to keep it so). */
 #define DEFINE_KERNELS(T, SUFFIX)                                                                 \
-    INLINE void fold_body_##SUFFIX(const T *restrict W, const T *restrict D_hat_t, T *restrict out, \
-                                   Py_ssize_t C_in_g, const Py_ssize_t K, Py_ssize_t S,          \
+    /* out[o, c, :] = in[o, c, :] @ M[i(o, c)] for rows [o0, o1), M being (C_in, J, L): the forward    \
+       (in = W, M = D_hat transposed, J = D_mul, L = K), and grad_W (in = G, M = D_hat, J = K,       \
+       L = D_mul) where it has no literal body below. */                                           \
+    INLINE void rows_body_##SUFFIX(const T *restrict in, const T *restrict M, T *restrict out,      \
+                                   Py_ssize_t C_in_g, const Py_ssize_t J, const Py_ssize_t L,    \
                                    Py_ssize_t out_per_group, Py_ssize_t o0, Py_ssize_t o1) {      \
         for (Py_ssize_t o = o0; o < o1; o++) {                                                    \
             Py_ssize_t base = (o / out_per_group) * C_in_g;                                       \
             for (Py_ssize_t c = 0; c < C_in_g; c++) {                                             \
-                const T *restrict w = W + (o * C_in_g + c) * S;                                   \
-                const T *restrict d = D_hat_t + (base + c) * S * K;                               \
-                T *restrict y = out + (o * C_in_g + c) * K;                                       \
-                for (Py_ssize_t k = 0; k < K; k++) y[k] = 0;                                      \
-                for (Py_ssize_t s = 0; s < S; s++) {                                              \
-                    const T ws = w[s];                                                            \
-                    const T *restrict ds = d + s * K;                                             \
-                    for (Py_ssize_t k = 0; k < K; k++) y[k] += ws * ds[k];                        \
+                const T *restrict x = in + (o * C_in_g + c) * J;                                  \
+                const T *restrict m = M + (base + c) * J * L;                                     \
+                T *restrict y = out + (o * C_in_g + c) * L;                                       \
+                for (Py_ssize_t l = 0; l < L; l++) y[l] = 0;                                      \
+                for (Py_ssize_t j = 0; j < J; j++) {                                              \
+                    const T xj = x[j];                                                            \
+                    const T *restrict mj = m + j * L;                                             \
+                    for (Py_ssize_t l = 0; l < L; l++) y[l] += xj * mj[l];                        \
                 }                                                                                 \
             }                                                                                     \
         }                                                                                         \
@@ -81,24 +84,6 @@
                 }                                                                                 \
                 T *y = grad_W + (o * C_in_g + c) * S;                                             \
                 for (Py_ssize_t s = 0; s < S; s++) y[s] = acc[s];                                 \
-            }                                                                                     \
-        }                                                                                         \
-    }                                                                                             \
-    INLINE void grad_W_body_##SUFFIX(const T *restrict G, const T *restrict D_hat, T *restrict grad_W, \
-                                     Py_ssize_t C_in_g, const Py_ssize_t K, Py_ssize_t S,        \
-                                     Py_ssize_t out_per_group, Py_ssize_t o0, Py_ssize_t o1) {    \
-        for (Py_ssize_t o = o0; o < o1; o++) {                                                    \
-            Py_ssize_t base = (o / out_per_group) * C_in_g;                                       \
-            for (Py_ssize_t c = 0; c < C_in_g; c++) {                                             \
-                const T *restrict g = G + (o * C_in_g + c) * K;                                   \
-                const T *restrict d = D_hat + (base + c) * K * S;                                 \
-                T *restrict y = grad_W + (o * C_in_g + c) * S;                                    \
-                for (Py_ssize_t s = 0; s < S; s++) y[s] = 0;                                      \
-                for (Py_ssize_t k = 0; k < K; k++) {                                              \
-                    const T gk = g[k];                                                            \
-                    const T *restrict dk = d + k * S;                                             \
-                    for (Py_ssize_t s = 0; s < S; s++) y[s] += gk * dk[s];                        \
-                }                                                                                 \
             }                                                                                     \
         }                                                                                         \
     }                                                                                             \
@@ -149,12 +134,12 @@
                                                 Py_ssize_t C_in_g, Py_ssize_t K, Py_ssize_t S,   \
                                                 Py_ssize_t opg, Py_ssize_t o0, Py_ssize_t o1) {  \
         switch (K) {                                                                              \
-        case 9: fold_body_##SUFFIX(W, D_hat_t, out, C_in_g, 9, S, opg, o0, o1); break;           \
-        case 3: fold_body_##SUFFIX(W, D_hat_t, out, C_in_g, 3, S, opg, o0, o1); break;           \
-        case 15: fold_body_##SUFFIX(W, D_hat_t, out, C_in_g, 15, S, opg, o0, o1); break;         \
-        case 25: fold_body_##SUFFIX(W, D_hat_t, out, C_in_g, 25, S, opg, o0, o1); break;         \
-        case 49: fold_body_##SUFFIX(W, D_hat_t, out, C_in_g, 49, S, opg, o0, o1); break;         \
-        default: fold_body_##SUFFIX(W, D_hat_t, out, C_in_g, K, S, opg, o0, o1);                 \
+        case 9: rows_body_##SUFFIX(W, D_hat_t, out, C_in_g, S, 9, opg, o0, o1); break;           \
+        case 3: rows_body_##SUFFIX(W, D_hat_t, out, C_in_g, S, 3, opg, o0, o1); break;           \
+        case 15: rows_body_##SUFFIX(W, D_hat_t, out, C_in_g, S, 15, opg, o0, o1); break;         \
+        case 25: rows_body_##SUFFIX(W, D_hat_t, out, C_in_g, S, 25, opg, o0, o1); break;         \
+        case 49: rows_body_##SUFFIX(W, D_hat_t, out, C_in_g, S, 49, opg, o0, o1); break;         \
+        default: rows_body_##SUFFIX(W, D_hat_t, out, C_in_g, S, K, opg, o0, o1);                 \
         }                                                                                         \
     }                                                                                             \
     MULTIVERSION static void grad_W_rows_##SUFFIX(const T *G, const T *D_hat, T *grad_W,          \
@@ -168,8 +153,8 @@
             }                                                                                     \
         }                                                                                         \
         switch (K) {                                                                              \
-        case 9: grad_W_body_##SUFFIX(G, D_hat, grad_W, C_in_g, 9, S, opg, o0, o1); break;        \
-        default: grad_W_body_##SUFFIX(G, D_hat, grad_W, C_in_g, K, S, opg, o0, o1);              \
+        case 9: rows_body_##SUFFIX(G, D_hat, grad_W, C_in_g, 9, S, opg, o0, o1); break;        \
+        default: rows_body_##SUFFIX(G, D_hat, grad_W, C_in_g, K, S, opg, o0, o1);              \
         }                                                                                         \
     }                                                                                             \
     MULTIVERSION static void grad_D_channels_##SUFFIX(const T *G, const T *W, T *grad_D,          \
