@@ -354,8 +354,8 @@ static void grad_W_range(const struct job *j, Py_ssize_t o0, Py_ssize_t o1) {
     rows_range(j, o0, o1, grad_W_rows_f32, grad_W_rows_f64);
 }
 
-/* grad_D: in-group channels [c0, c1) of every group. The AVX2 kernel's partial sums (88 floats a
- * channel, c1 - c0 <= C_in/g channels: smaller than grad_D itself) go on the heap; without that
+/* grad_D: in-group channels [c0, c1) of every group. The AVX2 kernel's partial sums (88 floats for
+ * each channel of the range, about what that range of grad_D holds) go on the heap; without that
  * memory the generic body, which needs none, does the work. */
 static void grad_D_range(const struct job *j, Py_ssize_t c0, Py_ssize_t c1) {
 #ifdef HAVE_AVX2_9X9
