@@ -7,7 +7,9 @@ out-of-bounds access aborts). Set DOCONV_REQUIRE_KERNEL=1 to fail, instead of sk
 extension was not built.
 """
 
+import ctypes
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -267,6 +269,21 @@ def test_bad_parts_raise(parts, part):
 def test_run_names_an_unknown_kernel():
     with pytest.raises(ValueError, match=r"name must be one of fold_rows, grad_W_rows, grad_D_channels"):
         _fold_cpu.run("use_gomp_parallel", *valid("fold_rows"), threads=1, openmp=False)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the OpenMP split is looked up on Linux only")
+@pytest.mark.parametrize("address", [1, 12345, "malloc"])
+def test_use_gomp_parallel_refuses_anything_but_GOMP_parallel(address):
+    """The one address the kernel is given is checked too (else the next split would jump there)."""
+    if address == "malloc":  # a real function, but not GOMP_parallel
+        address = ctypes.cast(ctypes.CDLL(None).malloc, ctypes.c_void_p).value
+    with pytest.raises(ValueError, match=r"must be 0 or GOMP_parallel's in a loaded OpenMP runtime; received 0x"):
+        kernel.use_gomp_parallel(address)
+    assert _fold_cpu.use_openmp(address) is False
+    a, b, out, groups = valid("fold_rows", np.float64)
+    kernel.fold_rows(a, b, out, groups, 2)  # split as before the refusals
+    W, _, D_hat, G = problem(6, 8, 2, 9, 12, np.float64)  # what valid() holds
+    np.testing.assert_allclose(out, expected("fold_rows", W, D_hat, G, groups))
 
 
 # -- through doconv.torch ----------------------------------------------------------------------

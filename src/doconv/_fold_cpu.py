@@ -131,4 +131,9 @@ def openmp_parallel_address(package_dir: str) -> int:
 
 def use_openmp(address: int) -> bool:
     """Let the kernels split work with the ``GOMP_parallel`` at ``address`` (0: none). True if set."""
-    return kernel is not None and bool(kernel.use_gomp_parallel(address))
+    if kernel is None:
+        return False
+    try:
+        return bool(kernel.use_gomp_parallel(address))
+    except ValueError:  # not GOMP_parallel after all (the kernel checks): the Python pool then
+        return False

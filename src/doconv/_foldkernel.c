@@ -24,6 +24,9 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <dlfcn.h>
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -626,11 +629,34 @@ static PyObject *grad_D_channels(PyObject *self, PyObject *args, PyObject *kwarg
     return run(&GRAD_D_CHANNELS, args, kwargs);
 }
 
-/* Trusted: the address comes from _fold_cpu.openmp_parallel_address (ctypes, the loaded runtime's own
- * symbol); no check can tell a function's address from any other number. */
+#if defined(RTLD_NOLOAD)
+/* True where `address` is what the loaded library around it gives for "GOMP_parallel" (dladdr only
+ * compares the address with the loaded libraries' ranges: any number is safe to ask about). */
+static int is_gomp_parallel(void *address) {
+    Dl_info info;
+    if (dladdr(address, &info) == 0 || info.dli_fname == NULL) return 0;
+    void *library = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD); /* the loaded copy, never a new one */
+    if (library == NULL) return 0;
+    const int found = dlsym(library, "GOMP_parallel") == address;
+    dlclose(library);
+    return found;
+}
+#else
+static int is_gomp_parallel(void *address) { return 0; }
+#endif
+
+/* The address comes from _fold_cpu.openmp_parallel_address (ctypes); it is called only once it is
+ * known to be GOMP_parallel in a library of this process, so no number given here can crash a kernel. */
 static PyObject *use_gomp_parallel(PyObject *self, PyObject *args) {
     unsigned long long address;
     if (!PyArg_ParseTuple(args, "K", &address)) return NULL;
+    void *function = (void *)(uintptr_t)address;
+    if (function != NULL && !is_gomp_parallel(function)) {
+        PyErr_Format(PyExc_ValueError,
+                     "use_gomp_parallel: address must be 0 or GOMP_parallel's in a loaded OpenMP runtime; received %p",
+                     function);
+        return NULL;
+    }
     gomp_parallel = (gomp_parallel_t)(uintptr_t)address;
     return PyBool_FromLong(gomp_parallel != NULL);
 }
@@ -647,7 +673,8 @@ static PyMethodDef methods[] = {
      KERNEL_DOC("grad_W_rows", "grad", "D_hat", "grad_W", "C_out")},
     {"grad_D_channels", (PyCFunction)(void (*)(void))grad_D_channels, METH_VARARGS | METH_KEYWORDS,
      KERNEL_DOC("grad_D_channels", "grad", "W", "grad_D", "C_in/g")},
-    {"use_gomp_parallel", use_gomp_parallel, METH_VARARGS, "split work with this GOMP_parallel (0: none)"},
+    {"use_gomp_parallel", use_gomp_parallel, METH_VARARGS,
+     "split work with the GOMP_parallel at this address (0: none); ValueError if it is not one"},
     {NULL, NULL, 0, NULL},
 };
 
