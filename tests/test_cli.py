@@ -109,7 +109,7 @@ def digits_or_synthetic(monkeypatch):
                 "y_test": rng.integers(0, 10, 40),
             }
 
-        monkeypatch.setattr("doconv.demo.load_data", fake_data)
+        monkeypatch.setattr("doconv.demo.data.load_digits", fake_data)
 
 
 @pytest.mark.parametrize("framework, module, files", [
