@@ -27,6 +27,7 @@ DEMO = TORCH + [
     "scikit-learn>=1.2",
     "matplotlib>=3.5",
     "tqdm>=4.60",
+    "mnist1d>=0.0.2",
     "onnx>=1.15",
     "onnxscript>=0.1",
     "onnxruntime>=1.16",

@@ -75,8 +75,8 @@ def load_mnist1d(samples: int = 10000, seed: int = MNIST1D_SEED) -> dict:
         ``{"x_train": (N, 40) float32, "y_train": (N,) int64, "x_test": ..., "y_test": ..., "info": dict}``.
 
     Example:
-        >>> data = load_mnist1d(1000)  # doctest: +SKIP
-        >>> data["x_train"].shape, data["x_test"].shape  # doctest: +SKIP
+        >>> data = load_mnist1d(1000)
+        >>> data["x_train"].shape, data["x_test"].shape
         ((800, 40), (200, 40))
     """
     mnist1d_data = optional_import("mnist1d.data", "mnist1d", "the MNIST-1D data set")

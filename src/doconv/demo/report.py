@@ -51,9 +51,9 @@ def paired_difference(a: list, b: list) -> dict:
     """Mean and standard deviation of ``a - b`` per seed, with the 95% interval of the mean (Student's t).
 
     Example:
-        >>> d = paired_difference([0.9, 0.8, 0.7], [0.8, 0.8, 0.8])
-        >>> round(d["mean"], 6), d["within_noise"]
-        (0.0, True)
+        >>> d = paired_difference([3, 5, 4], [1, 2, 3])
+        >>> d["per_seed"], d["mean"], d["std"], [round(v, 2) for v in d["ci95"]], d["within_noise"]
+        ([2, 3, 1], 2.0, 1.0, [-0.48, 4.48], True)
     """
     diffs = [x - y for x, y in zip(a, b)]
     mean, std = _mean_std(diffs)
