@@ -232,22 +232,24 @@ def plot(results: dict, path: str, title: str) -> None:
                     ax.fill_between(epochs, curves.min(0), curves.max(0), color=colours[variant], alpha=0.15)
         if title_ == "loss":
             ax.set_yscale("log")  # late epochs differ by small amounts that a linear axis flattens
-        ax.set_title(f"{title_} (mean of {seeds} seed(s), band: min..max)")
+        ax.set_title(title_)
         ax.set_ylabel(ylabel)
     ax = axes[2]
     first = len(epochs) // 2  # 0 for a 1-epoch run: every epoch
     for variant in VARIANTS:
         curves = 100.0 * np.array([r["test_acc"] for r in runs[variant]])[:, first:]
         final = 100.0 * results["summary"][variant]["test_acc_mean"]
-        ax.plot(epochs[first:], curves.mean(0), "-o", ms=3, color=colours[variant], label=f"{variant}: {final:.2f} %")
+        label = f"{variant}, test: {final:.2f} % at the end"
+        ax.plot(epochs[first:], curves.mean(0), "-o", ms=3, color=colours[variant], label=label)
         if len(curves) > 1:
             ax.fill_between(epochs[first:], curves.min(0), curves.max(0), color=colours[variant], alpha=0.15)
-    ax.set_title(f"test accuracy, epochs {first + 1}-{len(epochs)} (legend: last epoch, as in the table)")
+    ax.set_title(f"test accuracy, epochs {first + 1}-{len(epochs)} (zoom)")
     ax.set_ylabel("accuracy (%)")
     for ax in axes:
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(title)
+    fig.suptitle(f"{title}: mean of {seeds} seed(s), band from the lowest to the highest seed")
     fig.savefig(path, dpi=100)
     plt.close(fig)

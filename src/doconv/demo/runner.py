@@ -25,7 +25,7 @@ _FRAMEWORK_NEEDS = {
     "gluon": ("mxnet", "MXNet", "doconv[gluon]"),
 }
 _DISPLAY = {"torch": "PyTorch", "keras": "Keras", "gluon": "MXNet Gluon"}
-_TITLES = {"digits": "digits (8x8)", "mnist1d": "MNIST-1D"}
+_TITLES = {"digits": "8x8 digits", "mnist1d": "MNIST-1D"}
 
 
 def backend_for(settings: Settings):
