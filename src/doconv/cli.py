@@ -493,6 +493,7 @@ _PROBES = [
 _DEMO_PROBES = [
     ("scikit-learn", "sklearn"),
     ("matplotlib", "matplotlib"),
+    ("mnist1d", "mnist1d"),
     ("tqdm", "tqdm"),
     ("onnx", "onnx"),
     ("onnxruntime", "onnxruntime"),
