@@ -109,7 +109,7 @@ def digits_or_synthetic(monkeypatch):
                 "y_test": rng.integers(0, 10, 40),
             }
 
-        monkeypatch.setattr("doconv.demo.load_data", fake_data)
+        monkeypatch.setattr("doconv.demo.data.load_digits", fake_data)
 
 
 @pytest.mark.parametrize("framework, module, files", [
@@ -153,7 +153,7 @@ def test_demo_framework_not_installed_names_the_extra(capsys, tmp_path, monkeypa
     monkeypatch.setitem(sys.modules, "keras", None)  # makes `import keras` fail, installed or not
     status, _, err = run_cli(capsys, "demo", "--framework", "keras", "--out", tmp_path / "never")
     assert_usage_error(
-        status, err, "--framework keras needs Keras, which is not installed: pip install 'doconv[keras]'"
+        status, err, "--framework keras needs Keras, which is not installed: pip install 'doconv-layers[tensorflow]'"
     )
 
 

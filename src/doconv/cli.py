@@ -68,8 +68,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _per_dataset(what: str, field: str, recipes: dict) -> str:
+    defaults = ", ".join(f"{getattr(r, field)} ({name})" for name, r in recipes.items())
+    return f"{what} (default: {defaults})"
+
+
 def _build_parser() -> _Parser:
-    from .demo import FRAMEWORKS, Settings
+    from .demo import DATASETS, FRAMEWORKS, RECIPES, Settings
 
     defaults = Settings()
     parser = _Parser(
@@ -81,18 +86,30 @@ def _build_parser() -> _Parser:
 
     demo = sub.add_parser(
         "demo",
-        help="train plain and DO-Conv CNNs on the digits data set, compare, fold, save",
-        description="Train the same small CNN with plain convolutions and with DO-Conv on scikit-learn's "
-        "8x8 digits (same initial kernels, same batches), for several seeds; print accuracy, parameter "
-        "counts, time per epoch and the folded network's largest difference; save the curves, the folded "
-        "network and the results.",
+        help="train plain and DO-Conv CNNs on a real data set (digits or MNIST-1D), compare, fold, save",
+        description="Train the same small CNN with plain convolutions and with DO-Conv (same initial kernels, "
+        "same batches), for several seeds, on scikit-learn's 8x8 digits or on MNIST-1D; print accuracy, their "
+        "paired difference, parameter counts, time per epoch and the folded network's largest difference; save "
+        "the curves, the folded and the DO-Conv networks and the results.",
     )
     demo.add_argument("--framework", default=defaults.framework, help=f"one of {', '.join(FRAMEWORKS)} (default torch)")
     demo.add_argument(
-        "--seeds", type=_positive_int, default=defaults.seeds, help=f"number of seeds (default {defaults.seeds})"
+        "--dataset",
+        default=defaults.dataset,
+        help=f"one of {', '.join(DATASETS)} (default digits; mnist1d: PyTorch only)",
     )
     demo.add_argument(
-        "--epochs", type=_positive_int, default=defaults.epochs, help=f"epochs per run (default {defaults.epochs})"
+        "--seeds", type=_positive_int, default=None, help=_per_dataset("number of seeds", "seeds", RECIPES)
+    )
+    demo.add_argument(
+        "--epochs", type=_positive_int, default=None, help=_per_dataset("epochs per run", "epochs", RECIPES)
+    )
+    demo.add_argument(
+        "--samples",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help=f"MNIST-1D sequences to generate, 80%% train (default {RECIPES['mnist1d'].samples})",
     )
     demo.add_argument(
         "--D-mul",
@@ -193,6 +210,8 @@ def _cmd_demo(args) -> int:
 
     settings = Settings(
         framework=args.framework,
+        dataset=args.dataset,
+        samples=args.samples,
         seeds=args.seeds,
         epochs=args.epochs,
         D_mul=args.D_mul,
@@ -506,6 +525,7 @@ _PROBES = [
 _DEMO_PROBES = [
     ("scikit-learn", "sklearn"),
     ("matplotlib", "matplotlib"),
+    ("mnist1d", "mnist1d"),
     ("tqdm", "tqdm"),
     ("onnx", "onnx"),
     ("onnxruntime", "onnxruntime"),
