@@ -117,10 +117,11 @@ def _run_parts(work: Callable[[int, int], None], macs: int) -> None:
     _fold_cpu.run_parts(work, _fold_cpu.parts_for(torch.get_num_threads(), macs))
 
 
-def _kernel(name: str, a: Tensor, b: Tensor, out: Tensor, sizes: tuple, n: int) -> None:
-    """``_fold_cpu.run`` on contiguous tensors; ``sizes`` is (groups, C_in/g, K, D_mul, C_out/g)."""
-    threads = torch.get_num_threads()
-    _fold_cpu.run(name, a.data_ptr(), b.data_ptr(), out.data_ptr(), a.element_size(), sizes, n, threads, _GOMP)
+def _kernel(name: str, a: Tensor, b: Tensor, out: Tensor, groups: int) -> None:
+    """``_fold_cpu.run`` on contiguous CPU tensors, as NumPy views of their memory (the kernel checks
+    their shapes, dtypes and layout, and raises ValueError on a mismatch, before it reads anything)."""
+    arrays = (t.detach().numpy() for t in (a, b, out))
+    _fold_cpu.run(name, *arrays, groups, torch.get_num_threads(), _GOMP)
 
 
 _share = _fold_cpu.share
@@ -229,7 +230,7 @@ class _FoldCPU(torch.autograd.Function):
         if _foldkernel is not None:
             D_hat_t = _buffer(workspace, "D_hat_t", (D.shape[0], D_mul, K), D.dtype)
             D_hat_t.copy_(D_hat.transpose(1, 2))  # (C_in, D_mul, K): taps innermost
-            _kernel("fold_rows", W, D_hat_t, folded, (groups, C_in_g, K, D_mul, C_out // groups), C_out)
+            _kernel("fold_rows", W, D_hat_t, folded, groups)
         else:
             # (g, c, o, s) @ (g, c, s, k) -> (g, c, o, k), written into folded's (o, c, k) layout
             Wb = _grouped(W.detach().numpy(), groups).transpose(0, 2, 1, 3)
@@ -259,11 +260,10 @@ class _FoldCPU(torch.autograd.Function):
         grad_W = _buffer(workspace, "grad_W", tuple(W.shape), W.dtype) if need_W else None
         grad_D = _buffer(workspace, "grad_D", tuple(D_hat.shape), D_hat.dtype) if need_D else None
         if _foldkernel is not None:
-            sizes = (groups, C_in_g, K, D_mul, C_out // groups)
             if need_D:
-                _kernel("grad_D_channels", grad, W, grad_D, sizes, C_in_g)
+                _kernel("grad_D_channels", grad, W, grad_D, groups)
             if need_W:
-                _kernel("grad_W_rows", grad, D_hat, grad_W, sizes, C_out)
+                _kernel("grad_W_rows", grad, D_hat, grad_W, groups)
         else:
             Gb = _grouped(grad.numpy(), groups).transpose(0, 2, 1, 3)  # (g, c, o, k)
             Wb = _grouped(W.detach().numpy(), groups).transpose(0, 2, 1, 3)  # (g, c, o, s)
