@@ -8,7 +8,9 @@ maths of folding and every layout conversion live in :mod:`doconv.core`.
 W and D into one ordinary kernel and runs ``Convolution``. On CPU the fold is
 doconv's compiled kernel in the custom operator ``doconv_fold`` (an exported
 unfused network loads after ``import doconv.gluon``); elsewhere, or after
-``use_fold_kernel(False)``, it is made of MXNet operators.
+``use_fold_kernel(False)``, it is made of MXNet operators. An imperative training
+batch with few output positions composes features instead, where
+``doconv.core.training_composition`` says that is cheaper (:func:`use_feature_composition`).
 
 Example:
     >>> from mxnet import nd
@@ -36,17 +38,19 @@ from ._optional import require
 
 mx = require("mxnet", "doconv.gluon", "gluon", "MXNet")
 
-from mxnet import gluon, nd, symbol  # noqa: E402
+from mxnet import autograd, gluon, nd, symbol  # noqa: E402
 from mxnet.gluon import nn  # noqa: E402
 from mxnet.gluon.contrib.cnn import DeformableConvolution, ModulatedDeformableConvolution  # noqa: E402
 
 __all__ = [
     "DOConv2D",
     "convert_model",
+    "feature_composition_in_use",
     "fold_kernel_in_use",
     "fuse_model",
     "get_params",
     "set_params",
+    "use_feature_composition",
     "use_fold_kernel",
 ]
 
@@ -178,6 +182,55 @@ class _FoldProp(mx.operator.CustomOpProp):
 
     def create_operator(self, ctx, in_shapes, in_dtypes):
         return _FoldOp(self._groups, core.identity(self._K, self._D_mul))
+
+
+# -- feature composition, where a batch has few output positions ----------------------------------
+#
+# The fold costs the same whatever the batch; composing features costs in proportion to the output
+# positions (docs/maths.rst). `core.training_composition` picks the cheaper order, as in doconv.torch.
+# Composing features here is two native Convolutions: D_hat as a depthwise convolution with D_mul
+# filters per input channel (the layer's stride, dilation and padding), then W as a 1x1 grouped
+# convolution, so it differentiates like any MXNet graph and exports without the custom operator.
+# The choice is made per batch only imperatively (a Gluon block that is not hybridized): a hybridized
+# graph is traced once from shapeless symbols and then serves every input shape, so no batch size is
+# known when it is built, and MXNet 1.x's one in-graph branch (contrib.cond) runs its branches as
+# nested graphs; hybridized layers fold. `use_feature_composition(False)` folds everywhere.
+
+_FEATURES = True
+
+
+def use_feature_composition(enabled: bool) -> bool:
+    """Let DOConv2D train by feature composition where it is the cheaper order (the default).
+
+    Both orders give the same outputs and gradients up to rounding (docs/maths.rst). The choice is
+    made per training batch of a layer that is not hybridized (see the module's note); turn it off
+    to fold in every step, e.g. to compare the two.
+
+    Args:
+        enabled: True (the default setting) or False.
+
+    Returns:
+        The new setting.
+
+    Raises:
+        TypeError: ``enabled`` is not a bool.
+
+    Example:
+        >>> use_feature_composition(False)
+        False
+        >>> use_feature_composition(True)
+        True
+    """
+    global _FEATURES
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be True or False. Received: enabled={enabled!r}")
+    _FEATURES = enabled
+    return _FEATURES
+
+
+def feature_composition_in_use() -> bool:
+    """The current setting of :func:`use_feature_composition`."""
+    return _FEATURES
 
 
 def _symmetric_pad(padding: Any, kernel_size, strides, dilation) -> tuple[int, int]:
@@ -417,6 +470,44 @@ class DOConv2D(gluon.HybridBlock):
         w_d = F.reshape(w_d, shape=(-3, -2))  # (C_out, C_in/g, K)
         return F.reshape(w_d + w_id, shape=(0, 0, M, N))
 
+    def _composes_features(self, F, x) -> bool:
+        """True where this imperative training batch is cheaper by feature composition (see the note
+        above ``use_feature_composition``)."""
+        if not _FEATURES or F is not nd or self.D is None or not autograd.is_recording():
+            return False
+        if self.W.grad_req == "null" and self.D.grad_req == "null":
+            return False  # nothing to train: the fold's backward is not run either
+        if np.dtype(self.W.dtype) not in _ITEM or np.dtype(x.dtype) != np.dtype(self.W.dtype) or not _on_cpu(x):
+            return False
+        axes = (1, 2) if self._data_format == core.CHANNELS_LAST else (2, 3)
+        spatial = tuple(x.shape[a] for a in axes)
+        try:
+            out = core.output_shape(spatial, self._kernel_size, self._strides, self._dilation, self._padding)
+        except ValueError:
+            return False  # smaller than the kernel: the native convolution says so
+        positions = x.shape[0] * out[0] * out[1]
+        choice = core.training_composition(
+            positions, self.in_channels, self._channels, self._groups, self._K, self._D_mul
+        )
+        return choice == "feature"
+
+    def _compose_features(self, F, x, W, D, bias):
+        """The convolution by feature composition: D_hat as a depthwise convolution, then W as 1x1."""
+        C_in, K, D_mul = self.in_channels, self._K, self._D_mul
+        dtype = np.dtype(self.W.dtype).name
+        # I (K, D_mul): the K x K identity in each of the floor(D_mul/K) tiles, zero columns after.
+        identity = F.add_n(*[F.eye(K, D_mul, k=t * K, dtype=dtype) for t in range(D_mul // K)])
+        D_hat = F.broadcast_add(D, F.reshape(identity, shape=(1, K, D_mul)))
+        # Filter c·D_mul + s of the depthwise step reads channel c: D_hat[c, :, s] as an M x N kernel.
+        taps = F.reshape(F.transpose(D_hat, axes=(0, 2, 1)), shape=(-1, 1) + self._kernel_size)
+        depthwise = dict(self._conv_kwargs, num_filter=C_in * D_mul, num_group=C_in, no_bias=True)
+        features = F.Convolution(x, taps, name="fwd_features", **depthwise)  # (N, C_in·D_mul, H_out, W_out)
+        # Group gi's rows of W meet the features of its own C_in/g channels (DESIGN.md, i(o, c)).
+        pointwise = dict(self._conv_kwargs, kernel=(1, 1), stride=(1, 1), dilate=(1, 1), pad=(0, 0))
+        kernel = F.reshape(W, shape=(0, -1, 1, 1))  # (C_out, C_in/g·D_mul, 1, 1)
+        inputs = (features, kernel) if bias is None else (features, kernel, bias)
+        return F.Convolution(*inputs, name="fwd", **pointwise)
+
     def _bind_shapes_to_input(self, F, x, W, D):
         """Let symbolic shape inference derive W's and D's in-channel sizes from x.
 
@@ -453,6 +544,10 @@ class DOConv2D(gluon.HybridBlock):
         """
         if F is symbol and 0 in self.W.shape:
             W, D = self._bind_shapes_to_input(F, x, W, D)
+        channels_last = self._data_format == core.CHANNELS_LAST
+        if self._composes_features(F, x):
+            y = self._compose_features(F, F.transpose(x, axes=(0, 3, 1, 2)) if channels_last else x, W, D, bias)
+            return self._finish(F, y, channels_last)
         if np.dtype(self.W.dtype) == np.float16:
             # Fold in float32 (MXNet's CPU products have no float16, and it is more accurate), convolve in float16.
             kernel = F.cast(
@@ -460,11 +555,13 @@ class DOConv2D(gluon.HybridBlock):
             )
         else:
             kernel = self._kernel(F, W, D)
-        channels_last = self._data_format == core.CHANNELS_LAST
         if channels_last:
             x = F.transpose(x, axes=(0, 3, 1, 2))
         inputs = (x, kernel) if bias is None else (x, kernel, bias)
-        y = F.Convolution(*inputs, name="fwd", **self._conv_kwargs)
+        return self._finish(F, F.Convolution(*inputs, name="fwd", **self._conv_kwargs), channels_last)
+
+    def _finish(self, F, y, channels_last: bool):
+        """The NCHW convolution's output in the layer's layout, then the activation if any."""
         if channels_last:
             y = F.transpose(y, axes=(0, 2, 3, 1))
         if self.act is not None:
