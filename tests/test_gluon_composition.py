@@ -1,15 +1,24 @@
 """doconv.gluon's feature composition: the same outputs and gradients as folding, chosen only where
-core.training_composition says so, imperatively, and switched off by use_feature_composition(False)."""
+core.training_composition says so (per batch imperatively, per layer by plan_compositions in a
+hybridized graph), switched off by use_feature_composition(False), exported with MXNet's own ops."""
 
 import pytest
 
 mx = pytest.importorskip("mxnet")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
 import numpy as np  # noqa: E402
 from mxnet import autograd, gluon, nd  # noqa: E402
 
 from doconv import core  # noqa: E402
-from doconv.gluon import DOConv2D, feature_composition_in_use, use_feature_composition  # noqa: E402
+from doconv.gluon import (  # noqa: E402
+    DOConv2D,
+    feature_composition_in_use,
+    plan_compositions,
+    use_feature_composition,
+)
 
 
 @pytest.fixture
@@ -41,7 +50,7 @@ def _layer(dtype, x_shape, **kwargs):
 
 
 def _train_step(layer, x):
-    """Output and the gradients of x, W, D and bias (in that order) of sum(y * r) for a fixed r."""
+    """Output and the gradients of x and of the parameters (a layer's W, D, bias) of sum(y * r), r fixed."""
     x = x.copy()
     x.attach_grad()
     with autograd.record():
@@ -49,8 +58,7 @@ def _train_step(layer, x):
         r = nd.array(np.random.default_rng(3).normal(size=y.shape), dtype=y.dtype)
         loss = (y * r).sum()
     loss.backward()
-    params = [layer.W, layer.D, layer.bias]
-    return [y.asnumpy(), x.grad.asnumpy()] + [p.grad().asnumpy() for p in params if p is not None]
+    return [y.asnumpy(), x.grad.asnumpy()] + [p.grad().asnumpy() for p in layer.collect_params().values()]
 
 
 def _close(actual, expected, dtype):
@@ -83,9 +91,13 @@ def test_composing_features_equals_folding(case, dtype, composed, monkeypatch):
     features = _train_step(layer, x)
     assert composed == [layer.name]
     _close(features, folded, dtype)
-    layer.hybridize()  # a hybridized layer folds (its graph serves every batch shape)
+    layer.hybridize()  # a hybridized layer folds (its graph serves every batch shape) ...
     _close(_train_step(layer, x), features, dtype)
     assert composed == [layer.name]
+    assert plan_compositions(layer, x) == {layer.name: "feature"}  # ... unless planned
+    _close(_train_step(layer, x), features, dtype)
+    _close(_train_step(layer, x), features, dtype)
+    assert composed == [layer.name] * 2  # traced once
 
 
 def test_the_rule_decides_per_batch_and_only_in_imperative_training(composed):
@@ -115,7 +127,32 @@ def test_the_rule_decides_per_batch_and_only_in_imperative_training(composed):
         use_feature_composition(1)
 
 
-def test_a_network_trained_by_composing_features_exports_and_loads(tmp_path, composed):
+def test_plan_compositions_follows_the_rule_per_layer_and_can_be_removed(composed):
+    net = gluon.nn.HybridSequential()
+    net.add(
+        DOConv2D(64, 3, padding=1, in_channels=64),
+        DOConv2D(64, 3, strides=2, padding=1, in_channels=64),
+        DOConv2D(64, 1, in_channels=64),
+    )
+    net.initialize()
+    net.hybridize()
+    first, second, pointwise = (layer.name for layer in net)
+    # 2 x 64 channels at 8x8: 128 positions in the first layer, 32 after the stride; a 1x1 kernel has no D.
+    assert plan_compositions(net, nd.ones((2, 64, 8, 8))) == {first: "kernel", second: "feature", pointwise: "kernel"}
+    x = nd.random.normal(shape=(2, 64, 8, 8))
+    planned = _train_step(net, x)
+    assert composed == [second]
+    assert plan_compositions(net) == {}
+    folded = _train_step(net, x)
+    assert composed == [second]
+    _close(planned, folded, "float32")
+    use_feature_composition(False)
+    plan_compositions(net, x)
+    _train_step(net, x)
+    assert composed == [second]  # switched off: planned or not, every layer folds
+
+
+def test_a_network_trained_by_composing_features_exports_and_loads_without_doconv(tmp_path, composed):
     net = gluon.nn.HybridSequential()
     net.add(DOConv2D(32, 3, padding=1, in_channels=32), gluon.nn.Activation("relu"))
     net.initialize(mx.init.Xavier())
@@ -129,7 +166,19 @@ def test_a_network_trained_by_composing_features_exports_and_loads(tmp_path, com
     assert len(composed) == 1
     expected = net(x).asnumpy()
     net.hybridize()
+    plan_compositions(net, x)
     net(x)
     net.export(str(tmp_path / "net"))
-    loaded = gluon.SymbolBlock.imports(str(tmp_path / "net-symbol.json"), ["data"], str(tmp_path / "net-0000.params"))
-    np.testing.assert_allclose(loaded(x).asnumpy(), expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))
+    assert "doconv_fold" not in (tmp_path / "net-symbol.json").read_text()
+    nd.save(str(tmp_path / "x.nd"), [x])
+    # A plain MXNet process: a planned graph composing features holds only MXNet's own operators.
+    script = (
+        "import sys, mxnet as mx\n"
+        "d = sys.argv[1]\n"
+        "net = mx.gluon.SymbolBlock.imports(d + '/net-symbol.json', ['data'], d + '/net-0000.params')\n"
+        "mx.nd.save(d + '/y.nd', [net(mx.nd.load(d + '/x.nd')[0])])\n"
+        "assert 'doconv' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, timeout=120)
+    loaded = nd.load(str(tmp_path / "y.nd"))[0].asnumpy()
+    np.testing.assert_allclose(loaded, expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))

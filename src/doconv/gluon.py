@@ -49,6 +49,7 @@ __all__ = [
     "fold_kernel_in_use",
     "fuse_model",
     "get_params",
+    "plan_compositions",
     "set_params",
     "use_feature_composition",
     "use_fold_kernel",
@@ -191,10 +192,11 @@ class _FoldProp(mx.operator.CustomOpProp):
 # Composing features here is two native Convolutions: D_hat as a depthwise convolution with D_mul
 # filters per input channel (the layer's stride, dilation and padding), then W as a 1x1 grouped
 # convolution, so it differentiates like any MXNet graph and exports without the custom operator.
-# The choice is made per batch only imperatively (a Gluon block that is not hybridized): a hybridized
-# graph is traced once from shapeless symbols and then serves every input shape, so no batch size is
-# known when it is built, and MXNet 1.x's one in-graph branch (contrib.cond) runs its branches as
-# nested graphs; hybridized layers fold. `use_feature_composition(False)` folds everywhere.
+# The choice is made per batch imperatively (a Gluon block that is not hybridized). A hybridized graph
+# is traced once from shapeless symbols and then serves every input shape, so no batch size is known
+# when it is built (and MXNet 1.x's one in-graph branch, contrib.cond, runs its branches as nested
+# graphs): hybridized layers fold, unless `plan_compositions(net, example)` has fixed each layer's
+# order from the shapes that example gives it. `use_feature_composition(False)` folds everywhere.
 
 _FEATURES = True
 
@@ -231,6 +233,71 @@ def use_feature_composition(enabled: bool) -> bool:
 def feature_composition_in_use() -> bool:
     """The current setting of :func:`use_feature_composition`."""
     return _FEATURES
+
+
+def plan_compositions(net, *inputs) -> dict:
+    """Fix, per DOConv2D layer of a network, the order its hybridized graph trains in.
+
+    A hybridized graph cannot choose per batch (see :func:`use_feature_composition`), so by default
+    it folds. This traces ``net`` once symbolically, infers the shape each DOConv2D receives from the
+    given example inputs (only their shapes are read) and sets the order that
+    ``doconv.core.training_composition`` picks for that shape; every graph of the network is traced
+    again at its next call. The plan holds for every later input shape: both orders give the same
+    outputs and gradients, so a plan made for another batch size costs speed, never accuracy. It
+    applies to the training and the inference of the hybridized graph (which are one graph); a
+    layer that is not hybridized still chooses per batch. ``plan_compositions(net)`` with no inputs
+    removes the plan (hybridized layers fold again).
+
+    Args:
+        net: a Block tree holding DOConv2D layers, hybridized or not, parameters initialized or not.
+        *inputs: example inputs (NDArrays, or anything with a ``shape``), as ``net`` is called.
+
+    Returns:
+        ``{layer name: 'feature' or 'kernel'}`` for every DOConv2D planned (a layer called at
+        several places composes features only where every call would).
+
+    Example:
+        >>> from mxnet import nd
+        >>> net = DOConv2D(64, 3, padding=1, in_channels=64)
+        >>> net.initialize()
+        >>> list(plan_compositions(net, nd.zeros((2, 64, 4, 4))).values())
+        ['feature']
+        >>> list(plan_compositions(net, nd.zeros((2, 64, 16, 16))).values())
+        ['kernel']
+    """
+    layers = {id(block): block for _, block in _walk(net) if isinstance(block, DOConv2D)}
+    if not inputs:
+        for layer in layers.values():
+            layer._planned = None
+        _retrace(net)
+        return {}
+    names = ["data"] if len(inputs) == 1 else [f"data{i}" for i in range(len(inputs))]
+    seen = []
+    handles = [
+        layer.register_forward_pre_hook(lambda block, args: seen.append((block, args[0]))) for layer in layers.values()
+    ]
+    try:
+        net(*[symbol.var(name) for name in names])
+    finally:
+        for handle in handles:
+            handle.detach()
+    shapes = {name: tuple(x.shape) for name, x in zip(names, inputs)}
+    plan = {}
+    for layer, x in seen:
+        _, out_shapes, _ = x.infer_shape_partial(**shapes)
+        choice = layer._planned_order(out_shapes[0]) if out_shapes and out_shapes[0] else "kernel"
+        plan[id(layer)] = "kernel" if plan.get(id(layer)) == "kernel" else choice
+    for key, layer in layers.items():
+        layer._planned = plan.get(key, "kernel")
+    _retrace(net)
+    return {layers[key].name: choice for key, choice in plan.items()}
+
+
+def _retrace(net) -> None:
+    """Drop the traced graphs of a Block tree, so that its next call traces them again."""
+    for _, block in _walk(net):
+        if isinstance(block, gluon.HybridBlock) and not isinstance(block, gluon.SymbolBlock):
+            block._clear_cached_op()
 
 
 def _symmetric_pad(padding: Any, kernel_size, strides, dilation) -> tuple[int, int]:
@@ -363,6 +430,7 @@ class DOConv2D(gluon.HybridBlock):
             else:
                 self.bias = None
             self.act = nn.Activation(activation, prefix=activation + "_") if activation is not None else None
+        self._planned = None  # the order of the hybridized graph: plan_compositions sets it
 
     # ----------------------------------------------------------------------------------- properties
     @property
@@ -471,25 +539,36 @@ class DOConv2D(gluon.HybridBlock):
         return F.reshape(w_d + w_id, shape=(0, 0, M, N))
 
     def _composes_features(self, F, x) -> bool:
-        """True where this imperative training batch is cheaper by feature composition (see the note
-        above ``use_feature_composition``)."""
-        if not _FEATURES or F is not nd or self.D is None or not autograd.is_recording():
-            return False
-        if self.W.grad_req == "null" and self.D.grad_req == "null":
+        """True where this imperative training batch is cheaper by feature composition, or where
+        ``plan_compositions`` chose it for this layer's graph (see the note above
+        ``use_feature_composition``)."""
+        if not _FEATURES or self.D is None or (self.W.grad_req == "null" and self.D.grad_req == "null"):
             return False  # nothing to train: the fold's backward is not run either
-        if np.dtype(self.W.dtype) not in _ITEM or np.dtype(x.dtype) != np.dtype(self.W.dtype) or not _on_cpu(x):
+        try:
+            contexts = self.W.list_ctx()
+        except RuntimeError:  # not initialized: the fold's MXNet ops, which also infer W's and D's shapes
             return False
+        if np.dtype(self.W.dtype) not in _ITEM or not all(ctx.device_type == "cpu" for ctx in contexts):
+            return False
+        if F is symbol:
+            return self._planned == "feature" and self.in_channels > 0
+        if not autograd.is_recording() or np.dtype(x.dtype) != np.dtype(self.W.dtype):
+            return False
+        return self._planned_order(x.shape) == "feature"
+
+    def _planned_order(self, shape) -> str:
+        """``core.training_composition``'s order for an input of this shape, in the layer's layout."""
+        if self.D is None or len(shape) != _RANK + 2 or np.dtype(self.W.dtype) not in _ITEM:
+            return "kernel"
         axes = (1, 2) if self._data_format == core.CHANNELS_LAST else (2, 3)
-        spatial = tuple(x.shape[a] for a in axes)
+        spatial = tuple(shape[a] for a in axes)
         try:
             out = core.output_shape(spatial, self._kernel_size, self._strides, self._dilation, self._padding)
         except ValueError:
             return False  # smaller than the kernel: the native convolution says so
-        positions = x.shape[0] * out[0] * out[1]
-        choice = core.training_composition(
-            positions, self.in_channels, self._channels, self._groups, self._K, self._D_mul
-        )
-        return choice == "feature"
+        positions = shape[0] * out[0] * out[1]
+        C_in = int(shape[self._channel_axis(len(shape))])
+        return core.training_composition(positions, C_in, self._channels, self._groups, self._K, self._D_mul)
 
     def _compose_features(self, F, x, W, D, bias):
         """The convolution by feature composition: D_hat as a depthwise convolution, then W as 1x1."""
