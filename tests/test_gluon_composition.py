@@ -150,6 +150,11 @@ def test_plan_compositions_follows_the_rule_per_layer_and_can_be_removed(compose
     plan_compositions(net, x)
     _train_step(net, x)
     assert composed == [second]  # switched off: planned or not, every layer folds
+    with pytest.raises(TypeError, match=r"inputs\[0\] of type list"):
+        plan_compositions(net, [2, 64, 8, 8])
+    with pytest.raises(ValueError, match=r"Received: input shapes \[\(2, 3, 8, 8\)\]"):
+        plan_compositions(net, nd.ones((2, 3, 8, 8)))  # 3 channels where the first layer has 64
+    assert [layer._planned for layer in net] == ["kernel", "feature", "kernel"]  # the plan before
 
 
 def test_a_network_trained_by_composing_features_exports_and_loads_without_doconv(tmp_path, composed):

@@ -8,9 +8,10 @@ maths of folding and every layout conversion live in :mod:`doconv.core`.
 W and D into one ordinary kernel and runs ``Convolution``. On CPU the fold is
 doconv's compiled kernel in the custom operator ``doconv_fold`` (an exported
 unfused network loads after ``import doconv.gluon``); elsewhere, or after
-``use_fold_kernel(False)``, it is made of MXNet operators. An imperative training
-batch with few output positions composes features instead, where
-``doconv.core.training_composition`` says that is cheaper (:func:`use_feature_composition`).
+``use_fold_kernel(False)``, it is made of MXNet operators. A training batch with few
+output positions composes features instead, where ``doconv.core.training_composition``
+says that is cheaper: per batch imperatively, per layer in a hybridized graph after
+:func:`plan_compositions` (see :func:`use_feature_composition`).
 
 Example:
     >>> from mxnet import nd
@@ -251,10 +252,16 @@ def plan_compositions(net, *inputs) -> dict:
     Args:
         net: a Block tree holding DOConv2D layers, hybridized or not, parameters initialized or not.
         *inputs: example inputs (NDArrays, or anything with a ``shape``), as ``net`` is called.
+            Only their shapes are read; no parameter changes, and nothing runs but shape inference.
 
     Returns:
         ``{layer name: 'feature' or 'kernel'}`` for every DOConv2D planned (a layer called at
         several places composes features only where every call would).
+
+    Raises:
+        TypeError: ``net`` is not a Block, or an input has no shape of positive ints.
+        ValueError: the shapes cannot be inferred from the inputs (e.g. a wrong number of channels);
+            no plan changes.
 
     Example:
         >>> from mxnet import nd
@@ -265,6 +272,15 @@ def plan_compositions(net, *inputs) -> dict:
         >>> list(plan_compositions(net, nd.zeros((2, 64, 16, 16))).values())
         ['kernel']
     """
+    if not isinstance(net, gluon.Block):
+        raise TypeError(f"plan_compositions needs a gluon Block as net. Received: {type(net).__name__}")
+    for i, x in enumerate(inputs):
+        shape = getattr(x, "shape", None)
+        if not isinstance(shape, tuple) or not all(isinstance(n, (int, np.integer)) and n > 0 for n in shape):
+            raise TypeError(
+                f"plan_compositions needs example inputs with a shape of positive ints. Received: inputs[{i}] "
+                f"of type {type(x).__name__} with shape {shape!r}"
+            )
     layers = {id(block): block for _, block in _walk(net) if isinstance(block, DOConv2D)}
     if not inputs:
         for layer in layers.values():
@@ -276,15 +292,20 @@ def plan_compositions(net, *inputs) -> dict:
     handles = [
         layer.register_forward_pre_hook(lambda block, args: seen.append((block, args[0]))) for layer in layers.values()
     ]
+    shapes = {name: tuple(int(n) for n in x.shape) for name, x in zip(names, inputs)}
     try:
         net(*[symbol.var(name) for name in names])
+        inferred = [(layer, x.infer_shape_partial(**shapes)[1]) for layer, x in seen]
+    except mx.base.MXNetError as err:
+        raise ValueError(
+            f"plan_compositions could not infer the shapes in {type(net).__name__} from the example inputs "
+            f"(MXNet: {str(err).splitlines()[0]}). Received: input shapes {list(shapes.values())}"
+        ) from None
     finally:
         for handle in handles:
             handle.detach()
-    shapes = {name: tuple(x.shape) for name, x in zip(names, inputs)}
     plan = {}
-    for layer, x in seen:
-        _, out_shapes, _ = x.infer_shape_partial(**shapes)
+    for layer, out_shapes in inferred:
         choice = layer._planned_order(out_shapes[0]) if out_shapes and out_shapes[0] else "kernel"
         plan[id(layer)] = "kernel" if plan.get(id(layer)) == "kernel" else choice
     for key, layer in layers.items():
@@ -558,8 +579,8 @@ class DOConv2D(gluon.HybridBlock):
 
     def _planned_order(self, shape) -> str:
         """``core.training_composition``'s order for an input of this shape, in the layer's layout."""
-        if self.D is None or len(shape) != _RANK + 2 or np.dtype(self.W.dtype) not in _ITEM:
-            return "kernel"
+        if self.D is None or len(shape) != _RANK + 2 or not all(shape) or np.dtype(self.W.dtype) not in _ITEM:
+            return "kernel"  # no D, or a shape that shape inference left unknown
         axes = (1, 2) if self._data_format == core.CHANNELS_LAST else (2, 3)
         spatial = tuple(shape[a] for a in axes)
         try:
