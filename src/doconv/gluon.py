@@ -596,7 +596,8 @@ class DOConv2D(gluon.HybridBlock):
         C_in, K, D_mul = self.in_channels, self._K, self._D_mul
         dtype = np.dtype(self.W.dtype).name
         # I (K, D_mul): the K x K identity in each of the floor(D_mul/K) tiles, zero columns after.
-        identity = F.add_n(*[F.eye(K, D_mul, k=t * K, dtype=dtype) for t in range(D_mul // K)])
+        on = {"ctx": D.context} if F is nd else {}  # a graph's constants go where the graph runs
+        identity = F.add_n(*[F.eye(K, D_mul, k=t * K, dtype=dtype, **on) for t in range(D_mul // K)])
         D_hat = F.broadcast_add(D, F.reshape(identity, shape=(1, K, D_mul)))
         # Filter c·D_mul + s of the depthwise step reads channel c: D_hat[c, :, s] as an M x N kernel.
         taps = F.reshape(F.transpose(D_hat, axes=(0, 2, 1)), shape=(-1, 1) + self._kernel_size)
