@@ -6,8 +6,8 @@ steps, alternating which goes first, and the table reports the median of the per
 ratios (and their range). "Conv2D / Conv2D" times two copies of the native network
 against each other: it shows how much a ratio moves by noise alone.
 
-Two DO-Conv variants train: "folding", a hybridized network as it is by default (every layer
-folds W and D in every step), and "plan_compositions", the same network after
+Two DO-Conv variants train: "DO-Conv", a hybridized network as it is by default (every layer
+folds W and D in every step), and "DO-Conv, plan_compositions", the same network after
 ``doconv.gluon.plan_compositions`` fixed the layers with few output positions to compose features
 (a hybridized graph cannot choose per batch). Below the table, "where the time goes" times the
 fold alone: every DO-Conv layer's fold and its backward, as one training step runs them.
@@ -108,9 +108,9 @@ def _timers(nets, plan, args):
 
         return step
 
-    training = {"Conv2D": "Conv2D", "Conv2D (control)": "Conv2D (control)", "DO-Conv (folding)": "DO-Conv"}
+    training = {"Conv2D": "Conv2D", "Conv2D (control)": "Conv2D (control)", "DO-Conv": "DO-Conv"}
     if "feature" in plan.values():  # else the planned graph is the folding one
-        training["DO-Conv (plan_compositions)"] = "plan"
+        training["DO-Conv, plan_compositions"] = "plan"
     return {
         "train": {label: train(nets[name]) for label, name in training.items()},
         "inference": {name: infer(nets[name]) for name in ("Conv2D", "Conv2D (control)", "DO-Conv", "fused")},
@@ -185,7 +185,7 @@ def measure(args):
     where = {
         "fold ms": train["fold alone"],
         "folded layers": folded,
-        "DO-Conv ms": train["DO-Conv (folding)"],
+        "DO-Conv ms": train["DO-Conv"],
         "Conv2D ms": train["Conv2D"],
     }
     return rows, plan, where
@@ -230,8 +230,8 @@ def main(argv=None) -> int:
     )
     extra = where["DO-Conv ms"] - where["Conv2D ms"]
     print(
-        f"where the time goes (train, medians): DO-Conv (folding) {where['DO-Conv ms']:.1f} ms/step, Conv2D "
-        f"{where['Conv2D ms']:.1f} ms/step, difference {extra:.1f} ms; the fold alone ({where['folded layers']} "
+        f"where the time goes (train, medians): DO-Conv (folding in every layer) {where['DO-Conv ms']:.1f} "
+        f"ms/step, Conv2D {where['Conv2D ms']:.1f} ms/step, difference {extra:.1f} ms; the fold alone ({where['folded layers']} "
         f"layers, forward and backward) {where['fold ms']:.1f} ms, {where['fold ms'] / where['DO-Conv ms']:.1%} "
         "of the DO-Conv step"
     )
