@@ -8,7 +8,10 @@ maths of folding and every layout conversion live in :mod:`doconv.core`.
 W and D into one ordinary kernel and runs ``Convolution``. On CPU the fold is
 doconv's compiled kernel in the custom operator ``doconv_fold`` (an exported
 unfused network loads after ``import doconv.gluon``); elsewhere, or after
-``use_fold_kernel(False)``, it is made of MXNet operators.
+``use_fold_kernel(False)``, it is made of MXNet operators. A training batch with few
+output positions composes features instead, where ``doconv.core.training_composition``
+says that is cheaper: per batch imperatively, per layer in a hybridized graph after
+:func:`plan_compositions` (see :func:`use_feature_composition`).
 
 Example:
     >>> from mxnet import nd
@@ -36,17 +39,20 @@ from ._optional import require
 
 mx = require("mxnet", "doconv.gluon", "gluon", "MXNet")
 
-from mxnet import gluon, nd, symbol  # noqa: E402
+from mxnet import autograd, gluon, nd, symbol  # noqa: E402
 from mxnet.gluon import nn  # noqa: E402
 from mxnet.gluon.contrib.cnn import DeformableConvolution, ModulatedDeformableConvolution  # noqa: E402
 
 __all__ = [
     "DOConv2D",
     "convert_model",
+    "feature_composition_in_use",
     "fold_kernel_in_use",
     "fuse_model",
     "get_params",
+    "plan_compositions",
     "set_params",
+    "use_feature_composition",
     "use_fold_kernel",
 ]
 
@@ -180,6 +186,141 @@ class _FoldProp(mx.operator.CustomOpProp):
         return _FoldOp(self._groups, core.identity(self._K, self._D_mul))
 
 
+# -- feature composition, where a batch has few output positions ----------------------------------
+#
+# The fold costs the same whatever the batch; composing features costs in proportion to the output
+# positions (docs/maths.rst). `core.training_composition` picks the cheaper order, as in doconv.torch.
+# Composing features here is two native Convolutions: D_hat as a depthwise convolution with D_mul
+# filters per input channel (the layer's stride, dilation and padding), then W as a 1x1 grouped
+# convolution, so it differentiates like any MXNet graph and exports without the custom operator.
+# The choice is made per batch imperatively (a Gluon block that is not hybridized). A hybridized graph
+# is traced once from shapeless symbols and then serves every input shape, so no batch size is known
+# when it is built (and MXNet 1.x's one in-graph branch, contrib.cond, runs its branches as nested
+# graphs): hybridized layers fold, unless `plan_compositions(net, example)` has fixed each layer's
+# order from the shapes that example gives it. `use_feature_composition(False)` folds everywhere.
+
+_FEATURES = True
+
+
+def use_feature_composition(enabled: bool) -> bool:
+    """Let DOConv2D train by feature composition where it is the cheaper order (the default).
+
+    Both orders give the same outputs and gradients up to rounding (docs/maths.rst). The choice is
+    made per training batch of a layer that is not hybridized (see the module's note); turn it off
+    to fold in every step, e.g. to compare the two.
+
+    Args:
+        enabled: True (the default setting) or False.
+
+    Returns:
+        The new setting.
+
+    Raises:
+        TypeError: ``enabled`` is not a bool.
+
+    Example:
+        >>> use_feature_composition(False)
+        False
+        >>> use_feature_composition(True)
+        True
+    """
+    global _FEATURES
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be True or False. Received: enabled={enabled!r}")
+    _FEATURES = enabled
+    return _FEATURES
+
+
+def feature_composition_in_use() -> bool:
+    """The current setting of :func:`use_feature_composition`."""
+    return _FEATURES
+
+
+def plan_compositions(net, *inputs) -> dict:
+    """Fix, per DOConv2D layer of a network, the order its hybridized graph trains in.
+
+    A hybridized graph cannot choose per batch (see :func:`use_feature_composition`), so by default
+    it folds. This traces ``net`` once symbolically, infers the shape each DOConv2D receives from the
+    given example inputs (only their shapes are read) and sets the order that
+    ``doconv.core.training_composition`` picks for that shape; every graph of the network is traced
+    again at its next call. The plan holds for every later input shape: both orders give the same
+    outputs and gradients, so a plan made for another batch size costs speed, never accuracy. It
+    applies to the training and the inference of the hybridized graph (which are one graph); a
+    layer that is not hybridized still chooses per batch. ``plan_compositions(net)`` with no inputs
+    removes the plan (hybridized layers fold again).
+
+    Args:
+        net: a Block tree holding DOConv2D layers, hybridized or not, parameters initialized or not.
+        *inputs: example inputs (NDArrays, or anything with a ``shape``), as ``net`` is called.
+            Only their shapes are read; no parameter changes, and nothing runs but shape inference.
+
+    Returns:
+        ``{layer name: 'feature' or 'kernel'}`` for every DOConv2D planned (a layer called at
+        several places composes features only where every call would).
+
+    Raises:
+        TypeError: ``net`` is not a Block, or an input has no shape of positive ints.
+        ValueError: the shapes cannot be inferred from the inputs (e.g. a wrong number of channels);
+            no plan changes.
+
+    Example:
+        >>> from mxnet import nd
+        >>> net = DOConv2D(64, 3, padding=1, in_channels=64)
+        >>> net.initialize()
+        >>> list(plan_compositions(net, nd.zeros((2, 64, 4, 4))).values())
+        ['feature']
+        >>> list(plan_compositions(net, nd.zeros((2, 64, 16, 16))).values())
+        ['kernel']
+    """
+    if not isinstance(net, gluon.Block):
+        raise TypeError(f"plan_compositions needs a gluon Block as net. Received: {type(net).__name__}")
+    for i, x in enumerate(inputs):
+        shape = getattr(x, "shape", None)
+        if not isinstance(shape, tuple) or not all(isinstance(n, (int, np.integer)) and n > 0 for n in shape):
+            raise TypeError(
+                f"plan_compositions needs example inputs with a shape of positive ints. Received: inputs[{i}] "
+                f"of type {type(x).__name__} with shape {shape!r}"
+            )
+    layers = {id(block): block for _, block in _walk(net) if isinstance(block, DOConv2D)}
+    if not inputs:
+        for layer in layers.values():
+            layer._planned = None
+        _retrace(net)
+        return {}
+    names = ["data"] if len(inputs) == 1 else [f"data{i}" for i in range(len(inputs))]
+    seen = []
+    handles = [
+        layer.register_forward_pre_hook(lambda block, args: seen.append((block, args[0]))) for layer in layers.values()
+    ]
+    shapes = {name: tuple(int(n) for n in x.shape) for name, x in zip(names, inputs)}
+    try:
+        net(*[symbol.var(name) for name in names])
+        inferred = [(layer, x.infer_shape_partial(**shapes)[1]) for layer, x in seen]
+    except mx.base.MXNetError as err:
+        raise ValueError(
+            f"plan_compositions could not infer the shapes in {type(net).__name__} from the example inputs "
+            f"(MXNet: {str(err).splitlines()[0]}). Received: input shapes {list(shapes.values())}"
+        ) from None
+    finally:
+        for handle in handles:
+            handle.detach()
+    plan = {}
+    for layer, out_shapes in inferred:
+        choice = layer._planned_order(out_shapes[0]) if out_shapes and out_shapes[0] else "kernel"
+        plan[id(layer)] = "kernel" if plan.get(id(layer)) == "kernel" else choice
+    for key, layer in layers.items():
+        layer._planned = plan.get(key, "kernel")
+    _retrace(net)
+    return {layers[key].name: choice for key, choice in plan.items()}
+
+
+def _retrace(net) -> None:
+    """Drop the traced graphs of a Block tree, so that its next call traces them again."""
+    for _, block in _walk(net):
+        if isinstance(block, gluon.HybridBlock) and not isinstance(block, gluon.SymbolBlock):
+            block._clear_cached_op()
+
+
 def _symmetric_pad(padding: Any, kernel_size, strides, dilation) -> tuple[int, int]:
     """MXNet's Convolution pads both sides of a dimension alike; refuse anything else."""
     pairs = core.padding_pairs(padding, kernel_size, strides, dilation)
@@ -310,6 +451,7 @@ class DOConv2D(gluon.HybridBlock):
             else:
                 self.bias = None
             self.act = nn.Activation(activation, prefix=activation + "_") if activation is not None else None
+        self._planned = None  # the order of the hybridized graph: plan_compositions sets it
 
     # ----------------------------------------------------------------------------------- properties
     @property
@@ -417,6 +559,56 @@ class DOConv2D(gluon.HybridBlock):
         w_d = F.reshape(w_d, shape=(-3, -2))  # (C_out, C_in/g, K)
         return F.reshape(w_d + w_id, shape=(0, 0, M, N))
 
+    def _composes_features(self, F, x) -> bool:
+        """True where this imperative training batch is cheaper by feature composition, or where
+        ``plan_compositions`` chose it for this layer's graph (see the note above
+        ``use_feature_composition``)."""
+        if not _FEATURES or self.D is None or (self.W.grad_req == "null" and self.D.grad_req == "null"):
+            return False  # nothing to train: the fold's backward is not run either
+        try:
+            contexts = self.W.list_ctx()
+        except RuntimeError:  # not initialized: the fold's MXNet ops, which also infer W's and D's shapes
+            return False
+        if np.dtype(self.W.dtype) not in _ITEM or not all(ctx.device_type == "cpu" for ctx in contexts):
+            return False
+        if F is symbol:
+            return self._planned == "feature" and self.in_channels > 0
+        if not autograd.is_recording() or np.dtype(x.dtype) != np.dtype(self.W.dtype):
+            return False
+        return self._planned_order(x.shape) == "feature"
+
+    def _planned_order(self, shape) -> str:
+        """``core.training_composition``'s order for an input of this shape, in the layer's layout."""
+        if self.D is None or len(shape) != _RANK + 2 or not all(shape) or np.dtype(self.W.dtype) not in _ITEM:
+            return "kernel"  # no D, or a shape that shape inference left unknown
+        axes = (1, 2) if self._data_format == core.CHANNELS_LAST else (2, 3)
+        spatial = tuple(shape[a] for a in axes)
+        try:
+            out = core.output_shape(spatial, self._kernel_size, self._strides, self._dilation, self._padding)
+        except ValueError:
+            return False  # smaller than the kernel: the native convolution says so
+        positions = shape[0] * out[0] * out[1]
+        C_in = int(shape[self._channel_axis(len(shape))])
+        return core.training_composition(positions, C_in, self._channels, self._groups, self._K, self._D_mul)
+
+    def _compose_features(self, F, x, W, D, bias):
+        """The convolution by feature composition: D_hat as a depthwise convolution, then W as 1x1."""
+        C_in, K, D_mul = self.in_channels, self._K, self._D_mul
+        dtype = np.dtype(self.W.dtype).name
+        # I (K, D_mul): the K x K identity in each of the floor(D_mul/K) tiles, zero columns after.
+        on = {"ctx": D.context} if F is nd else {}  # a graph's constants go where the graph runs
+        identity = F.add_n(*[F.eye(K, D_mul, k=t * K, dtype=dtype, **on) for t in range(D_mul // K)])
+        D_hat = F.broadcast_add(D, F.reshape(identity, shape=(1, K, D_mul)))
+        # Filter c·D_mul + s of the depthwise step reads channel c: D_hat[c, :, s] as an M x N kernel.
+        taps = F.reshape(F.transpose(D_hat, axes=(0, 2, 1)), shape=(-1, 1) + self._kernel_size)
+        depthwise = dict(self._conv_kwargs, num_filter=C_in * D_mul, num_group=C_in, no_bias=True)
+        features = F.Convolution(x, taps, name="fwd_features", **depthwise)  # (N, C_in·D_mul, H_out, W_out)
+        # Group gi's rows of W meet the features of its own C_in/g channels (DESIGN.md, i(o, c)).
+        pointwise = dict(self._conv_kwargs, kernel=(1, 1), stride=(1, 1), dilate=(1, 1), pad=(0, 0))
+        kernel = F.reshape(W, shape=(0, -1, 1, 1))  # (C_out, C_in/g·D_mul, 1, 1)
+        inputs = (features, kernel) if bias is None else (features, kernel, bias)
+        return F.Convolution(*inputs, name="fwd", **pointwise)
+
     def _bind_shapes_to_input(self, F, x, W, D):
         """Let symbolic shape inference derive W's and D's in-channel sizes from x.
 
@@ -453,6 +645,10 @@ class DOConv2D(gluon.HybridBlock):
         """
         if F is symbol and 0 in self.W.shape:
             W, D = self._bind_shapes_to_input(F, x, W, D)
+        channels_last = self._data_format == core.CHANNELS_LAST
+        if self._composes_features(F, x):
+            y = self._compose_features(F, F.transpose(x, axes=(0, 3, 1, 2)) if channels_last else x, W, D, bias)
+            return self._finish(F, y, channels_last)
         if np.dtype(self.W.dtype) == np.float16:
             # Fold in float32 (MXNet's CPU products have no float16, and it is more accurate), convolve in float16.
             kernel = F.cast(
@@ -460,11 +656,13 @@ class DOConv2D(gluon.HybridBlock):
             )
         else:
             kernel = self._kernel(F, W, D)
-        channels_last = self._data_format == core.CHANNELS_LAST
         if channels_last:
             x = F.transpose(x, axes=(0, 3, 1, 2))
         inputs = (x, kernel) if bias is None else (x, kernel, bias)
-        y = F.Convolution(*inputs, name="fwd", **self._conv_kwargs)
+        return self._finish(F, F.Convolution(*inputs, name="fwd", **self._conv_kwargs), channels_last)
+
+    def _finish(self, F, y, channels_last: bool):
+        """The NCHW convolution's output in the layer's layout, then the activation if any."""
         if channels_last:
             y = F.transpose(y, axes=(0, 2, 3, 1))
         if self.act is not None:
