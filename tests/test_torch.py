@@ -125,7 +125,7 @@ def test_weight_reads_the_folded_kernel_and_is_differentiable():
 def cpu_path(request, monkeypatch):
     """Run a test through the compiled fold kernel (where it was built), split on torch's OpenMP
     threads where found and on the Python pool, and through the NumPy path."""
-    from doconv import torch as adapter
+    from doconv.torch import folding as adapter
 
     if request.param == "NumPy":
         monkeypatch.setattr(adapter, "_foldkernel", None)
@@ -138,7 +138,7 @@ def cpu_path(request, monkeypatch):
 
 def test_fold_kernel_runs_on_torchs_openmp_threads_here():
     """On Linux with torch's OpenMP backend, the C kernel finds the runtime torch's threads run on."""
-    from doconv import torch as adapter
+    from doconv.torch import folding as adapter
 
     if adapter._foldkernel is None or not sys.platform.startswith("linux"):
         pytest.skip("no C kernel, or not Linux")
@@ -150,7 +150,7 @@ def test_fold_kernel_runs_on_torchs_openmp_threads_here():
 @pytest.mark.parametrize("groups,C_in,C_out,D_mul", [(1, 5, 7, 9), (2, 4, 6, 11), (4, 4, 4, 18), (4, 4, 8, 9)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpu_fast_path_equals_the_einsum_fold_values_and_gradients(cpu_path, groups, C_in, C_out, D_mul, dtype):
-    from doconv.torch import _fold_fast, fold
+    from doconv.torch.folding import _fold_fast, fold
 
     g = torch.Generator().manual_seed(0)
     W = torch.randn(C_out, C_in // groups, D_mul, generator=g, dtype=dtype, requires_grad=True)
@@ -202,7 +202,7 @@ def test_fold_thread_pool_is_remade_in_another_process(monkeypatch):
 
 
 def test_cpu_fast_path_passes_gradcheck(cpu_path):
-    from doconv.torch import _fold_fast
+    from doconv.torch.folding import _fold_fast
 
     identity = torch.as_tensor(core.identity(4, 6), dtype=torch.float64)
     W = torch.randn(4, 2, 6, dtype=torch.float64, requires_grad=True)

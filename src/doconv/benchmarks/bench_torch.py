@@ -499,9 +499,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.numpy_fold:
-        import doconv.torch
+        from doconv.torch import folding
 
-        doconv.torch._foldkernel = None
+        folding._foldkernel = None
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("bench_torch: --device cuda asked for, but CUDA is not available", file=sys.stderr)
         return 2
@@ -519,9 +519,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(quick=args.quick, device=args.device, repeats=args.repeats, memory=not args.no_memory)
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
     if not args.device.startswith("cuda"):
-        import doconv.torch
+        from doconv.torch import folding
 
-        where += ", fold: " + ("C kernel" if doconv.torch._foldkernel is not None else "NumPy")
+        where += ", fold: " + ("C kernel" if folding._foldkernel is not None else "NumPy")
     print(f"doconv.torch vs nn.Conv2d — torch {torch.__version__}, {where}; median of per-repeat ratios")
     print(format_table(rows))
     if args.profile and not args.device.startswith("cuda"):
