@@ -21,6 +21,7 @@ from .._optional import require
 
 require("torch", "doconv.torch", "torch", "PyTorch")
 
+from .cache import cached_kernels  # noqa: E402
 from .composition import compose_features, feature_composition_in_use, use_feature_composition  # noqa: E402
 from .convert import convert_model, fuse_model, get_params, set_params  # noqa: E402
 from .folding import fold  # noqa: E402
@@ -30,6 +31,7 @@ __all__ = [
     "DOConv1d",
     "DOConv2d",
     "DOConv3d",
+    "cached_kernels",
     "compose_features",
     "convert_model",
     "feature_composition_in_use",

@@ -178,5 +178,4 @@ def set_params(layer: nn.Module, params: dict) -> nn.Module:
         for name in ("W", "D", "bias"):
             if getattr(layer, name) is not None:
                 getattr(layer, name).copy_(torch.as_tensor(np.asarray(params[name])))
-    layer._cache = None
     return layer

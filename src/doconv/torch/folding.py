@@ -6,12 +6,12 @@ the compiled kernel (or NumPy) for float32/float64 CPU tensors in eager mode.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Callable, Optional
 
 import numpy as np
 import torch
-from torch.autograd.function import once_differentiable
 
 from .. import _fold_cpu
 
@@ -85,8 +85,17 @@ def _run_parts(work: Callable[[int, int], None], macs: int) -> None:
     _fold_cpu.run_parts(work, _fold_cpu.parts_for(torch.get_num_threads(), macs))
 
 
-def _kernel(name: str, a: Tensor, b: Tensor, out: Tensor, sizes: tuple, n: int) -> None:
-    """``_fold_cpu.run`` on contiguous tensors; ``sizes`` is (groups, C_in/g, K, D_mul, C_out/g)."""
+def _kernel(name: str, a: Tensor, b: Tensor, out: Tensor, groups: int) -> None:
+    """The one call into the compiled kernel, on C-contiguous CPU tensors of one dtype.
+
+    ``name`` and the layouts (``_fold_cpu.run``): 'fold_rows' a = W, b = D_hat transposed
+    (C_in, D_mul, K), out = the folded kernel; 'grad_W_rows' a = G, b = D_hat, out = grad_W;
+    'grad_D_channels' a = G, b = W, out = grad_D.
+    """
+    C_out, C_in_g = a.shape[0], a.shape[1]
+    K, D_mul = (out.shape[2], a.shape[2]) if name == "fold_rows" else (a.shape[2], b.shape[2])
+    n = C_in_g if name == "grad_D_channels" else C_out
+    sizes = (groups, C_in_g, K, D_mul, C_out // groups)
     threads = torch.get_num_threads()
     _fold_cpu.run(name, a.data_ptr(), b.data_ptr(), out.data_ptr(), a.element_size(), sizes, n, threads, _GOMP)
 
@@ -99,170 +108,120 @@ def _grouped(array: np.ndarray, groups: int) -> np.ndarray:
     return array.reshape((groups, array.shape[0] // groups) + array.shape[1:])
 
 
-class _Workspace:
-    """A layer's fold buffers (the folded kernel, D + I and its transpose, both gradients), reused
-    from step to step.
-
-    A fresh buffer per step costs page faults on its pages and, for the smaller ones, the
-    allocator's round trips (milliseconds per step over a network, PERF-NOTES). A buffer is
-    overwritten only while nothing else refers to its memory (no graph that saved it, no ``.grad``
-    or user reference to it); otherwise a new one is allocated, so reuse never changes what
-    anybody holds. ``D_hat`` always holds D + I for ``key``, as ``folded`` holds their fold.
-    """
-
-    __slots__ = ("key", "folded", "D_hat", "D_hat_t", "grad_W", "grad_D")
-
-    def __init__(self) -> None:
-        self.key: Optional[tuple] = None
-        self.folded: Optional[Tensor] = None
-        self.D_hat: Optional[Tensor] = None
-        self.D_hat_t: Optional[Tensor] = None
-        self.grad_W: Optional[Tensor] = None
-        self.grad_D: Optional[Tensor] = None
-
-    def buffer(self, name: str, shape: tuple, dtype) -> Tensor:
-        """The named buffer if it fits and nothing else refers to it, else a new one (kept)."""
-        held = getattr(self, name)
-        if _reusable(held, shape, dtype):
-            return held
-        fresh = torch.empty(shape, dtype=dtype)
-        setattr(self, name, fresh)
-        return fresh
-
-
-def _buffer(workspace: Optional[_Workspace], name: str, shape: tuple, dtype) -> Tensor:
-    """``workspace.buffer(...)``, or a new tensor without a workspace."""
-    return torch.empty(shape, dtype=dtype) if workspace is None else workspace.buffer(name, shape, dtype)
-
-
-def _version_key(W: Tensor, D: Tensor) -> tuple:
-    """Changes whenever W or D is replaced or modified in place."""
-    return (id(W), W.data_ptr(), W._version, id(D), D.data_ptr(), D._version)
-
-
-_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
-
-
-def _lone_count() -> int:
-    """What the count reads for memory that one tensor alone refers to (the query holds some too).
-
-    The count comes from a private torch function; if it does not rise for a second reference
-    here, reuse is switched off rather than trusted.
-    """
-    global _storage_use_count
-    if _storage_use_count is None:
-        return 0
-    probe = torch.empty(1)
-    lone = _storage_use_count(probe.untyped_storage()._cdata)
-    view = probe.view(1)
-    shared = _storage_use_count(probe.untyped_storage()._cdata)
-    del view
-    if not (isinstance(lone, int) and isinstance(shared, int) and shared > lone):
-        _storage_use_count = None
-        return 0
-    return lone
-
-
-_LONE = _lone_count()
-
-
-def _reusable(buffer: Optional[Tensor], shape: tuple, dtype) -> bool:
-    """True when ``buffer`` fits and nothing but the workspace refers to its memory."""
-    if buffer is None or _storage_use_count is None or buffer.shape != shape or buffer.dtype != dtype:
-        return False
-    return _storage_use_count(buffer.untyped_storage()._cdata) <= _LONE
+def _fold_vjp(grad: Tensor, W: Tensor, D_hat: Tensor, groups: int, need_W: bool, need_D: bool) -> tuple:
+    """The fold's gradients in differentiable torch ops: what backward computes under ``create_graph``."""
+    C_out, C_in_g, D_mul = W.shape
+    K = D_hat.shape[1]
+    G = grad.reshape(groups, C_out // groups, C_in_g, K)
+    Wg = W.reshape(groups, C_out // groups, C_in_g, D_mul)
+    Dg = D_hat.reshape(groups, C_in_g, K, D_mul)
+    grad_W = torch.einsum("gock,gcks->gocs", G, Dg).reshape(W.shape) if need_W else None
+    grad_D = torch.einsum("gock,gocs->gcks", G, Wg).reshape(D_hat.shape) if need_D else None
+    return grad_W, grad_D
 
 
 class _FoldCPU(torch.autograd.Function):
-    """Kernel composition and its gradients on CPU (see the note above)."""
+    """Kernel composition and its gradients on CPU (see the note above).
+
+    Every call allocates its outputs: nothing is kept between calls, so two threads, a graph kept
+    alive, or a gradient held by the user never share memory with a later step. Under
+    ``create_graph`` the backward runs in differentiable torch ops, so higher-order gradients
+    flow as through :func:`fold`.
+    """
 
     @staticmethod
-    def forward(ctx, W: Tensor, D: Tensor, identity: Tensor, groups: int, workspace: Optional[_Workspace], key):
+    def forward(W: Tensor, D: Tensor, identity: Tensor, groups: int) -> Tensor:
         C_out, C_in_g, D_mul = W.shape
         K = D.shape[1]
-        shape = (C_out, C_in_g, K)
-        ctx.groups, ctx.workspace = groups, workspace
-        cached = workspace is not None and workspace.key == key and workspace.folded is not None
-        if cached:  # W and D unchanged: the buffers hold D + I and their fold
-            D_hat = workspace.D_hat
-        else:
-            if workspace is not None:
-                workspace.key = None  # until the buffers below hold this key's values
-            D_hat = torch.add(D.detach(), identity, out=_buffer(workspace, "D_hat", tuple(D.shape), D.dtype))
-        ctx.save_for_backward(W)
-        ctx.D_hat = D_hat  # held by the graph: the workspace will not overwrite it while the graph lives
-        if cached:
-            return workspace.folded.view(shape)
-        folded = _buffer(workspace, "folded", shape, W.dtype)
+        D_hat = D.detach() + identity
+        folded = torch.empty((C_out, C_in_g, K), dtype=W.dtype)
         if _foldkernel is not None:
-            D_hat_t = _buffer(workspace, "D_hat_t", (D.shape[0], D_mul, K), D.dtype)
-            D_hat_t.copy_(D_hat.transpose(1, 2))  # (C_in, D_mul, K): taps innermost
-            _kernel("fold_rows", W, D_hat_t, folded, (groups, C_in_g, K, D_mul, C_out // groups), C_out)
-        else:
-            # (g, c, o, s) @ (g, c, s, k) -> (g, c, o, k), written into folded's (o, c, k) layout
-            Wb = _grouped(W.detach().numpy(), groups).transpose(0, 2, 1, 3)
-            Db = _grouped(D_hat.numpy(), groups).transpose(0, 1, 3, 2)
-            out = _grouped(folded.numpy(), groups).transpose(0, 2, 1, 3)
-
-            def work(part: int, parts: int) -> None:
-                c = slice(*_share(C_in_g, part, parts))
-                np.matmul(Wb[:, c], Db[:, c], out=out[:, c])
-
-            _run_parts(work, C_out * C_in_g * K * D_mul)
-        if workspace is None:
+            D_hat_t = D_hat.transpose(1, 2).contiguous()  # (C_in, D_mul, K): taps innermost
+            _kernel("fold_rows", W.detach(), D_hat_t, folded, groups)
             return folded
-        workspace.key = key
-        return folded.view(shape)  # a view: the workspace's own tensor never joins a graph
+        # (g, c, o, s) @ (g, c, s, k) -> (g, c, o, k), written into folded's (o, c, k) layout
+        Wb = _grouped(W.detach().numpy(), groups).transpose(0, 2, 1, 3)
+        Db = _grouped(D_hat.numpy(), groups).transpose(0, 1, 3, 2)
+        out = _grouped(folded.numpy(), groups).transpose(0, 2, 1, 3)
+
+        def work(part: int, parts: int) -> None:
+            c = slice(*_share(C_in_g, part, parts))
+            np.matmul(Wb[:, c], Db[:, c], out=out[:, c])
+
+        _run_parts(work, C_out * C_in_g * K * D_mul)
+        return folded
 
     @staticmethod
-    @once_differentiable
+    def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+        W, D, identity, groups = inputs
+        ctx.save_for_backward(W, D, identity)
+        ctx.groups = groups
+
+    @staticmethod
     def backward(ctx, grad: Tensor):
-        (W,) = ctx.saved_tensors
-        D_hat, groups, workspace = ctx.D_hat, ctx.groups, ctx.workspace
-        C_out, C_in_g, D_mul = W.shape
-        K = D_hat.shape[1]
+        W, D, identity = ctx.saved_tensors
+        groups = ctx.groups
         need_W, need_D = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable too
+            return (*_fold_vjp(grad, W, D + identity, groups, need_W, need_D), None, None)
+        C_out, C_in_g, D_mul = W.shape
+        K = D.shape[1]
+        D_hat = D + identity  # small (C_in, K, D_mul): recomputed rather than kept between the passes
         grad = grad.contiguous()
-        # W.grad and D.grad may take these views; the workspace keeps its own tensors
-        grad_W = _buffer(workspace, "grad_W", tuple(W.shape), W.dtype) if need_W else None
-        grad_D = _buffer(workspace, "grad_D", tuple(D_hat.shape), D_hat.dtype) if need_D else None
+        grad_W = torch.empty(W.shape, dtype=W.dtype) if need_W else None
+        grad_D = torch.empty(D.shape, dtype=D.dtype) if need_D else None
         if _foldkernel is not None:
-            sizes = (groups, C_in_g, K, D_mul, C_out // groups)
             if need_D:
-                _kernel("grad_D_channels", grad, W, grad_D, sizes, C_in_g)
+                _kernel("grad_D_channels", grad, W, grad_D, groups)
             if need_W:
-                _kernel("grad_W_rows", grad, D_hat, grad_W, sizes, C_out)
-        else:
-            Gb = _grouped(grad.numpy(), groups).transpose(0, 2, 1, 3)  # (g, c, o, k)
-            Wb = _grouped(W.detach().numpy(), groups).transpose(0, 2, 1, 3)  # (g, c, o, s)
-            Db = _grouped(D_hat.numpy(), groups)  # (g, c, k, s)
+                _kernel("grad_W_rows", grad, D_hat, grad_W, groups)
+            return grad_W, grad_D, None, None
+        Gb = _grouped(grad.numpy(), groups).transpose(0, 2, 1, 3)  # (g, c, o, k)
+        Wb = _grouped(W.detach().numpy(), groups).transpose(0, 2, 1, 3)  # (g, c, o, s)
+        Db = _grouped(D_hat.numpy(), groups)  # (g, c, k, s)
 
-            def work(part: int, parts: int) -> None:
-                c = slice(*_share(C_in_g, part, parts))
-                if need_W:
-                    gW = _grouped(grad_W.numpy(), groups).transpose(0, 2, 1, 3)  # (g, c, o, s)
-                    np.matmul(Gb[:, c], Db[:, c], out=gW[:, c])
-                if need_D:
-                    np.matmul(Gb[:, c].transpose(0, 1, 3, 2), Wb[:, c], out=_grouped(grad_D.numpy(), groups)[:, c])
+        def work(part: int, parts: int) -> None:
+            c = slice(*_share(C_in_g, part, parts))
+            if need_W:
+                gW = _grouped(grad_W.numpy(), groups).transpose(0, 2, 1, 3)  # (g, c, o, s)
+                np.matmul(Gb[:, c], Db[:, c], out=gW[:, c])
+            if need_D:
+                np.matmul(Gb[:, c].transpose(0, 1, 3, 2), Wb[:, c], out=_grouped(grad_D.numpy(), groups)[:, c])
 
-            _run_parts(work, 2 * C_out * C_in_g * K * D_mul)
-        grad_W = None if grad_W is None else grad_W.view(W.shape)
-        grad_D = None if grad_D is None else grad_D.view(D_hat.shape)
-        return grad_W, grad_D, None, None, None, None
+        _run_parts(work, 2 * C_out * C_in_g * K * D_mul)
+        return grad_W, grad_D, None, None
 
 
-def _fold_fast(
-    W: Tensor,
-    D: Tensor,
-    identity: Tensor,
-    groups: int,
-    kernel_shape: list[int],
-    workspace: Optional[_Workspace] = None,
-) -> Tensor:
+def check_fold_arguments(W: Tensor, D: Tensor, identity: Tensor, groups: int, kernel_shape: list[int]) -> None:
+    """Raise ValueError unless W, D, the identity and the kernel shape fit together (before any native call)."""
+    if W.dim() != 3:
+        raise ValueError(f"W must have 3 dimensions (C_out, C_in/g, D_mul). Received: W.shape={tuple(W.shape)}")
+    C_out, C_in_g, D_mul = W.shape
+    if not isinstance(groups, int) or groups < 1 or C_out % groups:
+        raise ValueError(f"groups must be a positive divisor of C_out={C_out}. Received: groups={groups!r}")
+    if D.dim() != 3 or D.shape[0] != groups * C_in_g or D.shape[2] != D_mul:
+        raise ValueError(
+            f"D must have shape (C_in, K, D_mul) = ({groups * C_in_g}, K, {D_mul}) for W of shape {tuple(W.shape)} "
+            f"and groups={groups}. Received: D.shape={tuple(D.shape)}"
+        )
+    K = D.shape[1]
+    if tuple(identity.shape) != (K, D_mul):
+        raise ValueError(
+            f"identity must have shape (K, D_mul) = {(K, D_mul)} for D of shape {tuple(D.shape)}. "
+            f"Received: identity.shape={tuple(identity.shape)}"
+        )
+    if list(kernel_shape[:2]) != [C_out, C_in_g] or math.prod(kernel_shape[2:]) != K:
+        raise ValueError(
+            f"kernel_shape must be [{C_out}, {C_in_g}, *kernel_size] with K={K} taps for W of shape "
+            f"{tuple(W.shape)} and D of shape {tuple(D.shape)}. Received: kernel_shape={list(kernel_shape)}"
+        )
+
+
+def _fold_fast(W: Tensor, D: Tensor, identity: Tensor, groups: int, kernel_shape: list[int]) -> Tensor:
     """:func:`fold` through :class:`_FoldCPU` where it applies, else :func:`fold` itself."""
     if W.device.type != "cpu" or W.dtype not in (torch.float32, torch.float64) or D.dtype != W.dtype:
         return fold(W, D, identity, groups, kernel_shape)
-    key = _version_key(W, D)
+    check_fold_arguments(W, D, identity, groups, kernel_shape)
     # contiguous() is a no-op for parameters; the kernels below rely on it.
-    folded = _FoldCPU.apply(W.contiguous(), D.contiguous(), identity.to(D.dtype), groups, workspace, key)
+    folded = _FoldCPU.apply(W.contiguous(), D.contiguous(), identity.to(D.dtype).contiguous(), groups)
     return folded.reshape(kernel_shape)

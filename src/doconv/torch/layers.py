@@ -10,8 +10,9 @@ import torch
 
 from .. import core
 from . import composition
+from .cache import cached_kernel
 from .composition import compose_features
-from .folding import _fold_fast, _Workspace, fold
+from .folding import _fold_fast, fold
 
 nn = torch.nn
 F = torch.nn.functional
@@ -60,8 +61,6 @@ class _DOConvNd(nn.Module):
     ]
     # `weight` composes the kernel in Python; TorchScript compiles `forward` only.
     __jit_unused_properties__ = ["weight"]
-    # Python-side caches, used only by the eager fast path: TorchScript need not type them.
-    __jit_ignored_attributes__ = ["_workspace", "_cache"]
 
     def __init__(
         self,
@@ -113,8 +112,6 @@ class _DOConvNd(nn.Module):
             self.bias = nn.Parameter(torch.empty(self.out_channels, **factory))
         else:
             self.register_parameter("bias", None)
-        self._cache: Optional[tuple] = None
-        self._workspace = _Workspace()
         self.reset_parameters()
 
     def _native_padding(self, padding: Any):
@@ -144,7 +141,6 @@ class _DOConvNd(nn.Module):
             fan_in = self.in_channels // self.groups * core.kernel_volume(self.kernel_size)
             bound = 1 / math.sqrt(fan_in)
             nn.init.uniform_(self.bias, -bound, bound)
-        self._cache = None
 
     # -- the kernel ----------------------------------------------------------------------------
 
@@ -152,44 +148,57 @@ class _DOConvNd(nn.Module):
         return fold(self.W, self.D, self.identity, self.groups, self._kernel_shape)
 
     @torch.jit.unused
-    def _fold_eager(self) -> Tensor:
-        """The fold in eager mode: the CPU fast path where it applies."""
-        if self.D is None or self.identity is None:
-            return self._fold()
-        return _fold_fast(self.W, self.D, self.identity, self.groups, self._kernel_shape, self._workspace)
+    def _check_parameters(self) -> None:
+        """Raise ValueError unless W, D and bias have this layer's shapes (say, after one was replaced)."""
+        K = core.kernel_volume(self.kernel_size)
+        expected = {
+            "W": (self.out_channels, self.in_channels // self.groups, self.D_mul),
+            "D": (self.in_channels, K, self.D_mul) if K > 1 else None,
+            "bias": None if self.bias is None else (self.out_channels,),  # None: no bias, allowed
+        }
+        for name, shape in expected.items():
+            param = getattr(self, name)
+            received = None if param is None else tuple(param.shape)
+            if received != shape:
+                raise ValueError(
+                    f"{self._name()}({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                    f"groups={self.groups}, D_mul={self.D_mul}) needs {name} of shape {shape}. "
+                    f"Received: {name}.shape={received}"
+                )
 
     @torch.jit.unused
-    def _cached_fold(self) -> Tensor:
-        """The composed kernel, reused while W and D are unchanged (no gradient needed)."""
-        D = self.D
-        key = (
-            self.W._version,
-            self.W.data_ptr(),
-            None if D is None else D._version,
-            None if D is None else D.data_ptr(),
-            self.W.dtype,
-            self.W.device,
-        )
-        if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
-                self._cache = (key, self._fold_eager())
-        return self._cache[1]
+    def _fold_eager(self) -> Tensor:
+        """The fold in eager mode from W and D as they are now: the CPU fast path where it applies."""
+        self._check_parameters()
+        if self.D is None or self.identity is None:
+            return self._fold()
+        return _fold_fast(self.W, self.D, self.identity, self.groups, self._kernel_shape)
+
+    @torch.jit.unused
+    def _kernel_eager(self) -> Tensor:
+        """The kernel for an eager forward: from an open :func:`~doconv.torch.cached_kernels` block
+        when no gradient is needed, else folded now."""
+        needs_grad = self.W.requires_grad or (self.D is not None and self.D.requires_grad)
+        if not (torch.is_grad_enabled() and needs_grad):
+            kernel = cached_kernel(self, self._fold_eager)
+            if kernel is not None:
+                return kernel
+        return self._fold_eager()
 
     def _kernel(self) -> Tensor:
         if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return self._fold()
-        if torch.is_grad_enabled() and (self.W.requires_grad or (self.D is not None and self.D.requires_grad)):
-            return self._fold_eager()
-        return self._cached_fold()
+        return self._kernel_eager()
 
     @property
     def weight(self) -> Tensor:
-        """The folded kernel ``(C_out, C_in/g, *kernel_size)``, differentiable (read-only)."""
-        return self._fold_eager()
+        """The folded kernel ``(C_out, C_in/g, *kernel_size)``, differentiable, folded on each read.
 
-    def train(self, mode: bool = True):
-        self._cache = None
-        return super().train(mode)
+        A new tensor every time, held by nothing else: writing into it never changes the layer.
+        """
+        kernel = self._fold_eager()
+        # With K = 1 the fold is a view of W: the caller gets a copy (still differentiable).
+        return kernel.clone() if self.D is None else kernel
 
     # -- forward -------------------------------------------------------------------------------
 
@@ -271,6 +280,7 @@ class _DOConvNd(nn.Module):
 
     @torch.jit.unused
     def _forward_eager(self, x):  # unannotated: TorchScript reads an unused method's signature unresolved
+        self._check_parameters()
         if self._composes_features(x):
             return self._compose_features(x)
         return self._conv(x, self._kernel(), self.bias)
@@ -386,7 +396,6 @@ class _DOConvNd(nn.Module):
                     )
                     state_dict[D_key] = torch.from_numpy(params["D"])
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errs)
-        self._cache = None
 
 
 class DOConv2d(_DOConvNd):
@@ -414,7 +423,7 @@ class DOConv2d(_DOConvNd):
         W: ``(C_out, C_in/groups, D_mul)``.
         D: ``(C_in, K, D_mul)``, the learnable offset from the identity; None for 1x1 kernels.
         bias: ``(C_out,)`` or None.
-        weight: the folded kernel (read-only, differentiable).
+        weight: the folded kernel, a new differentiable tensor on every read.
 
     Example:
         >>> layer = DOConv2d(3, 8, 3, padding=1)
