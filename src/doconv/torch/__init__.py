@@ -25,9 +25,10 @@ from .cache import cached_kernels  # noqa: E402
 from .composition import compose_features, feature_composition_in_use, use_feature_composition  # noqa: E402
 from .convert import convert_model, fuse_model, get_params, set_params  # noqa: E402
 from .folding import fold  # noqa: E402
-from .layers import DOConv1d, DOConv2d, DOConv3d  # noqa: E402
+from .layers import ConvError, DOConv1d, DOConv2d, DOConv3d  # noqa: E402
 
 __all__ = [
+    "ConvError",
     "DOConv1d",
     "DOConv2d",
     "DOConv3d",
