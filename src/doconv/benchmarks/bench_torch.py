@@ -171,11 +171,8 @@ def mobilenet_v2_style(num_classes: int = 10, width: float = 1.0) -> nn.Module:
 
 
 def efficientnet_b0_style(num_classes: int = 10, width: float = 1.0) -> nn.Module:
-    """EfficientNet-B0's layout (MBConv with depthwise 3x3 and 5x5, squeeze-and-excitation, SiLU).
-
-    Args:
-        num_classes: outputs of the final linear layer. Default 10.
-        width: the width multiplier (channels rounded to multiples of 8). Default 1.0.
+    """EfficientNet-B0's layout (MBConv with depthwise 3x3 and 5x5, squeeze-and-excitation, SiLU);
+    arguments as :func:`mobilenet_v2_style`.
 
     Example:
         >>> efficientnet_b0_style(width=0.25)(torch.randn(2, 3, 32, 32)).shape
