@@ -211,11 +211,17 @@ def test_cached_kernels_does_not_serve_forwards_that_need_gradients():
 
 def test_two_threads_training_and_evaluating_one_model_get_single_thread_results(composition):
     torch.manual_seed(0)
-    # 128 -> 128 channels, 3x3: the fold is above the threshold that splits it between threads;
-    # the 2x2 input of the second layer takes feature composition.
-    net = nn.Sequential(DOConv2d(16, 128, 3, padding=1), nn.ReLU(), DOConv2d(128, 128, 3, stride=4, padding=1))
-    moved(net[0])
-    moved(net[2], seed=1)
+    # The second layer's fold (128 -> 128, 3x3) is above the threshold that splits it between
+    # threads; the third layer, on a 2x2 output, composes features in training.
+    net = nn.Sequential(
+        DOConv2d(16, 128, 3, padding=1),
+        nn.ReLU(),
+        DOConv2d(128, 128, 3, padding=1),
+        nn.ReLU(),
+        DOConv2d(128, 128, 3, stride=4, padding=1),
+    )
+    for seed, index in enumerate((0, 2, 4)):
+        moved(net[index], seed=seed)
     inputs = [torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(s)) for s in range(2)]
     params = list(net.parameters())
 
@@ -227,6 +233,8 @@ def test_two_threads_training_and_evaluating_one_model_get_single_thread_results
         with torch.no_grad():
             return [net(x)]
 
+    assert not net[2]._composes_features(net[1](net[0](inputs[0])))
+    assert net[4]._composes_features(net[3](net[2](net[1](net[0](inputs[0])))))
     jobs = [(train, inputs[0]), (evaluate, inputs[1]), (train, inputs[1])]
     want = [[t.clone() for t in job(x)] for job, x in jobs]
     errors = []
