@@ -299,6 +299,43 @@ def test_fold_kernel_equals_mxnet_ops_values_and_gradients(dtype, hybridize, C_i
     assert_close(results["kernel"][4], 2 * results["kernel"][1], rtol=rtol)  # 'add' accumulated twice
 
 
+@pytest.mark.parametrize("kernel_size,D_mul", [(51, None), (3, 300_000)])
+def test_fold_kernel_trains_large_kernels_and_depth_multipliers(kernel_size, D_mul):
+    """51x51 with D_mul = K (2601) and 3x3 with D_mul = 300000: the compiled kernel once sized its
+    backward's accumulators on the stack and crashed here. Gradients equal MXNet's ops'."""
+    if _fold_cpu.kernel is None:
+        pytest.skip("doconv._foldkernel was not built here")
+    x = nd.array(np.random.default_rng(5).standard_normal((1, 1, kernel_size + 1, kernel_size + 1)))
+    grads = {}
+    was = fold_kernel_in_use()
+    try:
+        for impl in ("kernel", "mxnet ops"):
+            use_fold_kernel(impl == "kernel")
+            layer = DOConv2D(2, kernel_size, in_channels=1, D_mul=D_mul)
+            layer.initialize()
+            random_params(layer, np.random.default_rng(6), scale=0.1)
+            with autograd.record():
+                y = layer(x)
+            y.backward()
+            grads[impl] = [layer.W.grad().asnumpy(), layer.D.grad().asnumpy()]
+    finally:
+        use_fold_kernel(was)
+    for got, want in zip(grads["kernel"], grads["mxnet ops"]):
+        assert_close(got, want, rtol=1e-4)
+
+
+@pytest.mark.parametrize("D_shape", [(1, 9, 9), (3, 1, 9)])
+def test_fold_operator_refuses_a_D_of_the_wrong_shape(D_shape, capfd):
+    """A D that fits neither W (C_in) nor the operator's K and D_mul (where D + I would broadcast)
+    fails the call, with the reason printed (MXNet prints a custom operator's exception, then raises)."""
+    if _fold_cpu.kernel is None:
+        pytest.skip("doconv._foldkernel was not built here")
+    with pytest.raises(mx.base.MXNetError):
+        nd.Custom(nd.ones((8, 3, 9)), nd.zeros(D_shape), op_type="doconv_fold", groups=1, K=9, D_mul=9).wait_to_read()
+    printed = "".join(capfd.readouterr())
+    assert "ValueError" in printed and (f"received shape {D_shape}" in printed or f"D.shape={D_shape}" in printed)
+
+
 def test_training_with_trainer_reduces_the_loss(fold_impl):
     rng = np.random.default_rng(7)
     net = nn.HybridSequential()

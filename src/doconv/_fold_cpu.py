@@ -49,7 +49,12 @@ def run_parts(work: Callable[[int, int], None], parts: int) -> None:
         return
     if _POOL is None or _POOL._max_workers < parts or _POOL_PID != os.getpid():
         _POOL, _POOL_PID = ThreadPoolExecutor(max_workers=parts, thread_name_prefix="doconv-fold"), os.getpid()
-    futures = [_POOL.submit(work, part, parts) for part in range(parts)]
+    futures = []
+    for part in range(parts):
+        try:
+            futures.append(_POOL.submit(work, part, parts))
+        except RuntimeError:  # the interpreter is exiting (MXNet may run a pending operator then): no new threads
+            work(part, parts)
     for future in futures:
         future.result()
 
@@ -126,4 +131,9 @@ def openmp_parallel_address(package_dir: str) -> int:
 
 def use_openmp(address: int) -> bool:
     """Let the kernels split work with the ``GOMP_parallel`` at ``address`` (0: none). True if set."""
-    return kernel is not None and bool(kernel.use_gomp_parallel(address))
+    if kernel is None:
+        return False
+    try:
+        return bool(kernel.use_gomp_parallel(address))
+    except ValueError:  # not GOMP_parallel after all (the kernel checks): the Python pool then
+        return False

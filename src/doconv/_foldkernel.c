@@ -24,6 +24,9 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <dlfcn.h>
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,20 +48,23 @@
  * stack array grows with the problem, whatever K and D_mul are (the sanitize env builds with
  * -Werror=stack-usage to keep it so). */
 #define DEFINE_KERNELS(T, SUFFIX)                                                                 \
-    INLINE void fold_body_##SUFFIX(const T *restrict W, const T *restrict D_hat_t, T *restrict out, \
-                                   Py_ssize_t C_in_g, const Py_ssize_t K, Py_ssize_t S,          \
+    /* out[o, c, :] = in[o, c, :] @ M[i(o, c)] for rows [o0, o1), M being (C_in, J, L): the forward    \
+       (in = W, M = D_hat transposed, J = D_mul, L = K), and grad_W (in = G, M = D_hat, J = K,       \
+       L = D_mul) where it has no literal body below. */                                           \
+    INLINE void rows_body_##SUFFIX(const T *restrict in, const T *restrict M, T *restrict out,      \
+                                   Py_ssize_t C_in_g, const Py_ssize_t J, const Py_ssize_t L,    \
                                    Py_ssize_t out_per_group, Py_ssize_t o0, Py_ssize_t o1) {      \
         for (Py_ssize_t o = o0; o < o1; o++) {                                                    \
             Py_ssize_t base = (o / out_per_group) * C_in_g;                                       \
             for (Py_ssize_t c = 0; c < C_in_g; c++) {                                             \
-                const T *restrict w = W + (o * C_in_g + c) * S;                                   \
-                const T *restrict d = D_hat_t + (base + c) * S * K;                               \
-                T *restrict y = out + (o * C_in_g + c) * K;                                       \
-                for (Py_ssize_t k = 0; k < K; k++) y[k] = 0;                                      \
-                for (Py_ssize_t s = 0; s < S; s++) {                                              \
-                    const T ws = w[s];                                                            \
-                    const T *restrict ds = d + s * K;                                             \
-                    for (Py_ssize_t k = 0; k < K; k++) y[k] += ws * ds[k];                        \
+                const T *restrict x = in + (o * C_in_g + c) * J;                                  \
+                const T *restrict m = M + (base + c) * J * L;                                     \
+                T *restrict y = out + (o * C_in_g + c) * L;                                       \
+                for (Py_ssize_t l = 0; l < L; l++) y[l] = 0;                                      \
+                for (Py_ssize_t j = 0; j < J; j++) {                                              \
+                    const T xj = x[j];                                                            \
+                    const T *restrict mj = m + j * L;                                             \
+                    for (Py_ssize_t l = 0; l < L; l++) y[l] += xj * mj[l];                        \
                 }                                                                                 \
             }                                                                                     \
         }                                                                                         \
@@ -81,24 +87,6 @@
                 }                                                                                 \
                 T *y = grad_W + (o * C_in_g + c) * S;                                             \
                 for (Py_ssize_t s = 0; s < S; s++) y[s] = acc[s];                                 \
-            }                                                                                     \
-        }                                                                                         \
-    }                                                                                             \
-    INLINE void grad_W_body_##SUFFIX(const T *restrict G, const T *restrict D_hat, T *restrict grad_W, \
-                                     Py_ssize_t C_in_g, const Py_ssize_t K, Py_ssize_t S,        \
-                                     Py_ssize_t out_per_group, Py_ssize_t o0, Py_ssize_t o1) {    \
-        for (Py_ssize_t o = o0; o < o1; o++) {                                                    \
-            Py_ssize_t base = (o / out_per_group) * C_in_g;                                       \
-            for (Py_ssize_t c = 0; c < C_in_g; c++) {                                             \
-                const T *restrict g = G + (o * C_in_g + c) * K;                                   \
-                const T *restrict d = D_hat + (base + c) * K * S;                                 \
-                T *restrict y = grad_W + (o * C_in_g + c) * S;                                    \
-                for (Py_ssize_t s = 0; s < S; s++) y[s] = 0;                                      \
-                for (Py_ssize_t k = 0; k < K; k++) {                                              \
-                    const T gk = g[k];                                                            \
-                    const T *restrict dk = d + k * S;                                             \
-                    for (Py_ssize_t s = 0; s < S; s++) y[s] += gk * dk[s];                        \
-                }                                                                                 \
             }                                                                                     \
         }                                                                                         \
     }                                                                                             \
@@ -149,12 +137,12 @@
                                                 Py_ssize_t C_in_g, Py_ssize_t K, Py_ssize_t S,   \
                                                 Py_ssize_t opg, Py_ssize_t o0, Py_ssize_t o1) {  \
         switch (K) {                                                                              \
-        case 9: fold_body_##SUFFIX(W, D_hat_t, out, C_in_g, 9, S, opg, o0, o1); break;           \
-        case 3: fold_body_##SUFFIX(W, D_hat_t, out, C_in_g, 3, S, opg, o0, o1); break;           \
-        case 15: fold_body_##SUFFIX(W, D_hat_t, out, C_in_g, 15, S, opg, o0, o1); break;         \
-        case 25: fold_body_##SUFFIX(W, D_hat_t, out, C_in_g, 25, S, opg, o0, o1); break;         \
-        case 49: fold_body_##SUFFIX(W, D_hat_t, out, C_in_g, 49, S, opg, o0, o1); break;         \
-        default: fold_body_##SUFFIX(W, D_hat_t, out, C_in_g, K, S, opg, o0, o1);                 \
+        case 9: rows_body_##SUFFIX(W, D_hat_t, out, C_in_g, S, 9, opg, o0, o1); break;           \
+        case 3: rows_body_##SUFFIX(W, D_hat_t, out, C_in_g, S, 3, opg, o0, o1); break;           \
+        case 15: rows_body_##SUFFIX(W, D_hat_t, out, C_in_g, S, 15, opg, o0, o1); break;         \
+        case 25: rows_body_##SUFFIX(W, D_hat_t, out, C_in_g, S, 25, opg, o0, o1); break;         \
+        case 49: rows_body_##SUFFIX(W, D_hat_t, out, C_in_g, S, 49, opg, o0, o1); break;         \
+        default: rows_body_##SUFFIX(W, D_hat_t, out, C_in_g, S, K, opg, o0, o1);                 \
         }                                                                                         \
     }                                                                                             \
     MULTIVERSION static void grad_W_rows_##SUFFIX(const T *G, const T *D_hat, T *grad_W,          \
@@ -168,8 +156,8 @@
             }                                                                                     \
         }                                                                                         \
         switch (K) {                                                                              \
-        case 9: grad_W_body_##SUFFIX(G, D_hat, grad_W, C_in_g, 9, S, opg, o0, o1); break;        \
-        default: grad_W_body_##SUFFIX(G, D_hat, grad_W, C_in_g, K, S, opg, o0, o1);              \
+        case 9: rows_body_##SUFFIX(G, D_hat, grad_W, C_in_g, 9, S, opg, o0, o1); break;        \
+        default: rows_body_##SUFFIX(G, D_hat, grad_W, C_in_g, K, S, opg, o0, o1);              \
         }                                                                                         \
     }                                                                                             \
     MULTIVERSION static void grad_D_channels_##SUFFIX(const T *G, const T *W, T *grad_D,          \
@@ -327,8 +315,8 @@ static void job_worker(void *arg) {
     for (;;) {
         const Py_ssize_t part = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED);
         if (part >= j->end) return;
-        const Py_ssize_t start = part * q + (part < r ? part : r);
-        j->range(j, start, start + q + (part < r));
+        const Py_ssize_t start = part * q + (part < r ? part : r), stop = start + q + (part < r);
+        if (start < stop) j->range(j, start, stop); /* more parts than items leaves some empty */
     }
 }
 
@@ -369,8 +357,8 @@ static void grad_W_range(const struct job *j, Py_ssize_t o0, Py_ssize_t o1) {
     rows_range(j, o0, o1, grad_W_rows_f32, grad_W_rows_f64);
 }
 
-/* grad_D: in-group channels [c0, c1) of every group. The AVX2 kernel's partial sums (88 floats a
- * channel, c1 - c0 <= C_in/g channels: smaller than grad_D itself) go on the heap; without that
+/* grad_D: in-group channels [c0, c1) of every group. The AVX2 kernel's partial sums (88 floats for
+ * each channel of the range, about what that range of grad_D holds) go on the heap; without that
  * memory the generic body, which needs none, does the work. */
 static void grad_D_range(const struct job *j, Py_ssize_t c0, Py_ssize_t c1) {
 #ifdef HAVE_AVX2_9X9
@@ -641,11 +629,34 @@ static PyObject *grad_D_channels(PyObject *self, PyObject *args, PyObject *kwarg
     return run(&GRAD_D_CHANNELS, args, kwargs);
 }
 
-/* Trusted: the address comes from _fold_cpu.openmp_parallel_address (ctypes, the loaded runtime's own
- * symbol); no check can tell a function's address from any other number. */
+#if defined(RTLD_NOLOAD)
+/* True where `address` is what the loaded library around it gives for "GOMP_parallel" (dladdr only
+ * compares the address with the loaded libraries' ranges: any number is safe to ask about). */
+static int is_gomp_parallel(void *address) {
+    Dl_info info;
+    if (dladdr(address, &info) == 0 || info.dli_fname == NULL) return 0;
+    void *library = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD); /* the loaded copy, never a new one */
+    if (library == NULL) return 0;
+    const int found = dlsym(library, "GOMP_parallel") == address;
+    dlclose(library);
+    return found;
+}
+#else
+static int is_gomp_parallel(void *address) { return 0; }
+#endif
+
+/* The address comes from _fold_cpu.openmp_parallel_address (ctypes); it is called only once it is
+ * known to be GOMP_parallel in a library of this process, so no number given here can crash a kernel. */
 static PyObject *use_gomp_parallel(PyObject *self, PyObject *args) {
     unsigned long long address;
     if (!PyArg_ParseTuple(args, "K", &address)) return NULL;
+    void *function = (void *)(uintptr_t)address;
+    if (function != NULL && !is_gomp_parallel(function)) {
+        PyErr_Format(PyExc_ValueError,
+                     "use_gomp_parallel: address must be 0 or GOMP_parallel's in a loaded OpenMP runtime; received %p",
+                     function);
+        return NULL;
+    }
     gomp_parallel = (gomp_parallel_t)(uintptr_t)address;
     return PyBool_FromLong(gomp_parallel != NULL);
 }
@@ -662,7 +673,8 @@ static PyMethodDef methods[] = {
      KERNEL_DOC("grad_W_rows", "grad", "D_hat", "grad_W", "C_out")},
     {"grad_D_channels", (PyCFunction)(void (*)(void))grad_D_channels, METH_VARARGS | METH_KEYWORDS,
      KERNEL_DOC("grad_D_channels", "grad", "W", "grad_D", "C_in/g")},
-    {"use_gomp_parallel", use_gomp_parallel, METH_VARARGS, "split work with this GOMP_parallel (0: none)"},
+    {"use_gomp_parallel", use_gomp_parallel, METH_VARARGS,
+     "split work with the GOMP_parallel at this address (0: none); ValueError if it is not one"},
     {NULL, NULL, 0, NULL},
 };
 
