@@ -240,6 +240,29 @@ def test_to_another_dtype_with_and_without_swapping_tensors(info, swap):
     layer(x).sum().backward()  # trains in the new dtype
 
 
+@pytest.mark.parametrize("info", CONV_INFOS, ids=lambda info: info.name)
+def test_built_on_the_meta_device_then_to_empty_and_loaded(info):
+    """The large-model loading path: no memory at construction, then to_empty() and a state_dict
+    (or reset_parameters()). The identity buffer is in no state_dict: it must not stay garbage."""
+    layer, module_input = build(info, torch.float32, 0)
+    (x,) = module_input.forward_input.args
+    ctor = module_input.constructor_input
+    for assign in (False, True):
+        empty = DOCONV[info.module_cls](*ctor.args, **ctor.kwargs, device="meta")
+        assert all(t.device.type == "meta" for t in list(empty.parameters()) + list(empty.buffers()))
+        empty.to_empty(device="cpu")
+        with torch.no_grad():
+            empty.identity.fill_(7.0)  # what uninitialised memory may hold
+        empty.load_state_dict(layer.state_dict(), assign=assign)
+        with torch.no_grad():
+            assert torch.equal(empty(x), layer(x))
+    empty.identity.fill_(7.0)
+    empty.reset_parameters()
+    with torch.no_grad():
+        assert_close(empty(x), native_twin(empty)(x), torch.float32)
+        assert torch.equal(empty.identity, DOCONV[info.module_cls](*ctor.args, **ctor.kwargs).identity)
+
+
 # --- errors: where nn.ConvNd raises, DO-Conv raises the same type (or a subclass) ----------------
 
 

@@ -149,8 +149,18 @@ class _DOConvNd(nn.Module):
             )
         return tuple(before for before, _ in normalized)
 
+    def _reset_identity(self) -> None:
+        """Write the identity into its buffer: after ``to_empty()`` (a model built on the meta device)
+        it holds whatever the new memory held, and it is in no state_dict to be loaded from."""
+        if self.identity is not None:
+            K, D_mul = self.identity.shape
+            with torch.no_grad():
+                self.identity.copy_(torch.as_tensor(core.identity(K, D_mul)))
+
     def reset_parameters(self) -> None:
-        """W: nn.Conv's default init computed on W's own shape; D: zeros; bias: nn.Conv's default."""
+        """W: nn.Conv's default init computed on W's own shape; D: zeros; bias: nn.Conv's default
+        (and the identity buffer rewritten)."""
+        self._reset_identity()
         nn.init.kaiming_uniform_(self.W, a=math.sqrt(5))
         if self.D is not None:
             nn.init.zeros_(self.D)
@@ -415,6 +425,7 @@ class _DOConvNd(nn.Module):
                     )
                     state_dict[D_key] = torch.from_numpy(params["D"])
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errs)
+        self._reset_identity()  # loading is how a model made with to_empty() gets its values
 
 
 class DOConv2d(_DOConvNd):
