@@ -206,6 +206,34 @@ def test_cached_kernels_does_not_serve_forwards_that_need_gradients():
     assert layer.W.grad is not None
 
 
+def test_cached_kernels_from_two_threads_entering_and_leaving():
+    from doconv.torch import cache
+
+    net = nn.Sequential(moved(DOConv2d(8, 16, 3, padding=1)), nn.ReLU(), moved(DOConv2d(16, 16, 3), seed=1)).eval()
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        want = net(x)
+    errors = []
+
+    def worker():
+        for _ in range(20):
+            with torch.no_grad(), cached_kernels(net):
+                for _ in range(3):
+                    if not torch.equal(net(x), want):
+                        errors.append("cached")
+            with torch.no_grad():
+                if not torch.allclose(net(x), want, rtol=1e-6, atol=1e-6):
+                    errors.append("uncached")
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert not any(layer in cache._OPEN for layer in net.modules())  # every block left: nothing kept
+
+
 # --- 3. threads --------------------------------------------------------------------------------
 
 
