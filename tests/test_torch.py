@@ -897,6 +897,8 @@ def test_benchmark_program_prints_its_ratio_table(capsys):
         "EfficientNet-B0-style, batch 2, 32x32: train step",
         "share of a DO-Conv MobileNetV2-style training step",
         "share of a DO-Conv EfficientNet-B0-style training step",
+        "ResNet-18-style, DO-Conv step minus native, by op: ",
+        "MobileNetV2-style, DO-Conv step minus native, by op: ",
         "at 2x2, batch 2: train step",
         "at 2x2, batch 2: train step, folding",
         "state_dict tensor bytes",

@@ -448,6 +448,29 @@ def run(quick: bool = False, device: str = "cpu", repeats: int | None = None, me
     return rows
 
 
+def _profiled_step(quick: bool, network: str, doconv: bool, steps: int) -> dict[str, float]:
+    """Self CPU seconds per training step, by op (``torch.profiler``), of a native or DO-Conv network."""
+    sizes = _sizes(quick)
+    torch.manual_seed(0)
+    if network == "resnet18":
+        model, image = resnet18_style(width=sizes["width"]), sizes["image"]
+    else:
+        make = {"mobilenet_v2": mobilenet_v2_style, "efficientnet_b0": efficientnet_b0_style}[network]
+        model, image = make(width=sizes["mobile_width"]), sizes["mobile_image"]
+    if doconv:
+        model = convert_model(model)
+    x = torch.randn(sizes["batch"], 3, image, image)
+    step = _train_step(model, _sgd(model), x, torch.randint(0, 10, (sizes["batch"],)))
+    step()
+    with torch.profiler.profile() as profile:
+        for _ in range(steps):
+            step()
+    return {e.key: e.self_cpu_time_total * 1e-6 / steps for e in profile.key_averages()}
+
+
+_FOLD_OPS = ("_FoldCPU", "_FoldCPUBackward")
+
+
 def fold_share(quick: bool = False, steps: int = 3, network: str = "resnet18") -> float:
     """The share of a DO-Conv network's training step spent folding (forward and backward).
 
@@ -459,23 +482,21 @@ def fold_share(quick: bool = False, steps: int = 3, network: str = "resnet18") -
         steps: training steps profiled. Default 3.
         network: 'resnet18', 'mobilenet_v2' or 'efficientnet_b0'. Default 'resnet18'.
     """
-    sizes = _sizes(quick)
-    torch.manual_seed(0)
-    if network == "resnet18":
-        model, image = convert_model(resnet18_style(width=sizes["width"])), sizes["image"]
-    else:
-        make = {"mobilenet_v2": mobilenet_v2_style, "efficientnet_b0": efficientnet_b0_style}[network]
-        model, image = convert_model(make(width=sizes["mobile_width"])), sizes["mobile_image"]
-    x = torch.randn(sizes["batch"], 3, image, image)
-    step = _train_step(model, _sgd(model), x, torch.randint(0, 10, (sizes["batch"],)))
-    step()
-    with torch.profiler.profile() as profile:
-        for _ in range(steps):
-            step()
-    events = profile.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
-    fold = sum(e.self_cpu_time_total for e in events if e.key in ("_FoldCPU", "_FoldCPUBackward"))
-    return fold / total
+    ops = _profiled_step(quick, network, True, steps)
+    return sum(ops.get(op, 0.0) for op in _FOLD_OPS) / sum(ops.values())
+
+
+def where_the_rest_goes(quick: bool = False, steps: int = 3, network: str = "resnet18", top: int = 5) -> list:
+    """The ops whose self CPU time per training step grows most from the native network to DO-Conv.
+
+    Returns:
+        Up to ``top`` pairs ``(op, extra milliseconds per step)``, largest first, the fold's own
+        nodes included; profiling inflates small ops, so read them as a ranking.
+    """
+    native = _profiled_step(quick, network, False, steps)
+    doconv = _profiled_step(quick, network, True, steps)
+    extra = {op: 1e3 * (t - native.get(op, 0.0)) for op, t in doconv.items()}
+    return sorted(extra.items(), key=lambda item: -item[1])[:top]
 
 
 def composing_layers(quick: bool = False) -> tuple[list[str], list[str]]:
@@ -747,6 +768,9 @@ def main(argv: list[str] | None = None) -> int:
         for network, name in (("mobilenet_v2", "MobileNetV2-style"), ("efficientnet_b0", "EfficientNet-B0-style")):
             share = fold_share(quick=args.quick, network=network)
             print(f"fold (forward + backward) share of a DO-Conv {name} training step: {100 * share:.1f} %")
+        for network, name in (("resnet18", "ResNet-18-style"), ("mobilenet_v2", "MobileNetV2-style")):
+            rest = where_the_rest_goes(quick=args.quick, network=network)
+            print(f"{name}, DO-Conv step minus native, by op: " + ", ".join(f"{op} {ms:+.1f} ms" for op, ms in rest))
         features, folding = composing_layers(quick=args.quick)
         print(
             f"layers composing features in a training step: {len(features)} of {len(features) + len(folding)} "
