@@ -16,13 +16,16 @@ from doconv.torch import (  # noqa: E402
     DOConv1d,
     DOConv2d,
     DOConv3d,
+    cached_kernels,
     convert_model,
     feature_composition_in_use,
     fuse_model,
     get_params,
+    layers,  # noqa: E402
     set_params,
     use_feature_composition,
 )
+from doconv.torch.folding import _fold_fast  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -125,7 +128,7 @@ def test_weight_reads_the_folded_kernel_and_is_differentiable():
 def cpu_path(request, monkeypatch):
     """Run a test through the compiled fold kernel (where it was built), split on torch's OpenMP
     threads where found and on the Python pool, and through the NumPy path."""
-    from doconv import torch as adapter
+    from doconv.torch import folding as adapter
 
     if request.param == "NumPy":
         monkeypatch.setattr(adapter, "_foldkernel", None)
@@ -138,7 +141,7 @@ def cpu_path(request, monkeypatch):
 
 def test_fold_kernel_runs_on_torchs_openmp_threads_here():
     """On Linux with torch's OpenMP backend, the C kernel finds the runtime torch's threads run on."""
-    from doconv import torch as adapter
+    from doconv.torch import folding as adapter
 
     if adapter._foldkernel is None or not sys.platform.startswith("linux"):
         pytest.skip("no C kernel, or not Linux")
@@ -150,7 +153,7 @@ def test_fold_kernel_runs_on_torchs_openmp_threads_here():
 @pytest.mark.parametrize("groups,C_in,C_out,D_mul", [(1, 5, 7, 9), (2, 4, 6, 11), (4, 4, 4, 18), (4, 4, 8, 9)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpu_fast_path_equals_the_einsum_fold_values_and_gradients(cpu_path, groups, C_in, C_out, D_mul, dtype):
-    from doconv.torch import _fold_fast, fold
+    from doconv.torch.folding import _fold_fast, fold
 
     g = torch.Generator().manual_seed(0)
     W = torch.randn(C_out, C_in // groups, D_mul, generator=g, dtype=dtype, requires_grad=True)
@@ -202,7 +205,7 @@ def test_fold_thread_pool_is_remade_in_another_process(monkeypatch):
 
 
 def test_cpu_fast_path_passes_gradcheck(cpu_path):
-    from doconv.torch import _fold_fast
+    from doconv.torch.folding import _fold_fast
 
     identity = torch.as_tensor(core.identity(4, 6), dtype=torch.float64)
     W = torch.randn(4, 2, 6, dtype=torch.float64, requires_grad=True)
@@ -211,8 +214,9 @@ def test_cpu_fast_path_passes_gradcheck(cpu_path):
 
 
 @pytest.mark.parametrize("kernel_size,D_mul", [(3, None), (3, 13), (5, None), ((1, 3), 5)])
-def test_reused_buffers_never_change_what_others_hold(cpu_path, kernel_size, D_mul):
-    """The fold's buffers are reused between steps only while nothing else refers to them."""
+def test_later_steps_never_change_what_others_hold(cpu_path, kernel_size, D_mul):
+    """Gradients a user keeps stay as they were, and gradients accumulate (the fold allocates its
+    outputs on every call; this test guarded the workspace reuse that it had before)."""
     layer = DOConv2d(16, 16, kernel_size, padding="same", dtype=torch.float64, D_mul=D_mul)
     reference = copy.deepcopy(layer)
     x = torch.randn(2, 16, 6, 6, dtype=torch.float64, requires_grad=True)
@@ -272,12 +276,18 @@ def test_gradients_reach_W_and_D():
     assert float(layer.W.grad.abs().sum()) > 0 and float(layer.D.grad.abs().sum()) > 0
 
 
-def test_eval_reuses_the_kernel_until_parameters_change():
+def test_eval_folds_every_forward_and_reuses_a_kernel_only_inside_cached_kernels():
+    """Formerly: the eval kernel was cached until the parameters' version counters changed. Now
+    nothing is kept between forwards; only an open cached_kernels block reuses a kernel."""
     layer = DOConv2d(3, 4, 3).eval()
     x = torch.randn(1, 3, 6, 6)
     with torch.no_grad():
         first = layer._kernel()
-        assert layer._kernel() is first  # composed once, reused
+        assert layer._kernel() is not first  # folded again, from the parameters as they are
+        with cached_kernels(layer):
+            cached = layer._kernel()
+            assert layer._kernel() is cached  # composed once inside the block, reused
+        assert layer._kernel() is not cached
         y0 = layer(x)
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
     layer.train()
@@ -332,7 +342,9 @@ FEATURE_CASES = [
     [(case, False) for case in FEATURE_CASES] + [(case, True) for case in FEATURE_CASES if case[-1][0] is not None],
 )
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
-def test_feature_composition_equals_folding_values_and_gradients(composition, case, channels_last, dtype, tol):
+def test_feature_composition_equals_folding_values_and_gradients(
+    composition, monkeypatch, case, channels_last, dtype, tol
+):
     C_in, C_out, ks, stride, padding, dilation, groups, bias, mode, D_mul, (N, H, W) = case
     layer = DOConv2d(C_in, C_out, ks, stride, padding, dilation, groups, bias, mode, dtype=dtype, D_mul=D_mul)
     set_params(layer, random_params(layer))
@@ -351,10 +363,12 @@ def test_feature_composition_equals_folding_values_and_gradients(composition, ca
         grads = [x.grad] + [p.grad for p in (layer.W, layer.D, layer.bias) if p is not None]
         return y.detach(), grads
 
+    folds = []
+    monkeypatch.setattr(layers, "_fold_fast", lambda *args: folds.append(1) or _fold_fast(*args))
     y_feature, grads_feature = run(True)
-    assert layer._workspace.folded is None  # the fold never ran
+    assert not folds  # the fold never ran
     y_kernel, grads_kernel = run(False)
-    assert layer._workspace.folded is not None
+    assert folds
     assert y_feature.dtype == dtype and y_feature.shape == y_kernel.shape
     for layout in (torch.contiguous_format, torch.channels_last):  # nn.Conv2d's output layout
         assert y_feature.is_contiguous(memory_format=layout) == y_kernel.is_contiguous(memory_format=layout)
@@ -706,12 +720,37 @@ def test_benchmark_composition_sweep_prints_its_table(capsys):
         assert bench_torch.main(["--composition-sweep", "--quick", "--repeats", "1", "--threads", "1"]) == 0
     finally:
         torch.set_num_threads(threads)
-    lines = capsys.readouterr().out.splitlines()
+    lines = capsys.readouterr().out.splitlines()[1:]  # after the header naming the doconv measured
     assert lines[0].startswith("3x3 64->64, D_mul 9, train step: composing features / folding")
     rows = [line.split(" | ") for line in lines[3:]]
     # batch x positions against 64 output channels: an eighth, a half, 49/64 and twice the fold
     assert [float(row[1]) for row in rows] == [0.125, 0.5, 0.766, 2.0]
     assert all(float(row[2]) > 0 for row in rows)
+
+
+def test_benchmark_fold_split_prints_both_ways_side_by_side(capsys):
+    from doconv.benchmarks import bench_torch
+    from doconv.torch import folding
+
+    if folding._foldkernel is None or not folding._GOMP:
+        assert bench_torch.main(["--fold-split", "--quick", "--repeats", "1"]) == 2
+        return
+    assert bench_torch.main(["--fold-split", "--quick", "--repeats", "1", "--threads", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("fold forward + backward, D_mul 9: Python pool / torch's OpenMP threads")
+    rows = [line.split(" | ") for line in lines[4:]]
+    assert [row[0] for row in rows] == ["| 3x3 64->64", "| 3x3 256->256"]
+    assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows)
+    assert folding._GOMP  # restored
+
+
+def test_benchmark_header_warns_about_a_build_without_the_kernel(monkeypatch):
+    from doconv.benchmarks import bench_torch
+
+    monkeypatch.setattr(bench_torch._fold_cpu, "kernel", None)
+    where, warning = bench_torch.which_doconv()
+    assert where.endswith("C fold kernel NOT built")
+    assert warning.startswith("WARNING: doconv's C fold kernel is not built here") and "NumPy fallback" in warning
 
 
 @needs_cuda
@@ -840,11 +879,26 @@ def test_benchmark_program_prints_its_ratio_table(capsys):
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
+    import doconv
+    from doconv import _fold_cpu
+
+    kernel = "built" if _fold_cpu.kernel is not None else "NOT built"
+    assert (
+        out.splitlines()[0]
+        == f"doconv {doconv.__version__} from {os.path.dirname(doconv.__file__)}, C fold kernel {kernel}"
+    )
     for row in (
         "train step",
         "train step, every layer folding",
-        "eval forward, unfused",
+        "eval forward, unfused, inside cached_kernels",
+        "eval forward, unfused, folding every forward",
         "eval forward, fused",
+        "MobileNetV2-style, batch 2, 32x32: train step",
+        "EfficientNet-B0-style, batch 2, 32x32: train step",
+        "share of a DO-Conv MobileNetV2-style training step",
+        "share of a DO-Conv EfficientNet-B0-style training step",
+        "ResNet-18-style, DO-Conv step minus native, by op: ",
+        "MobileNetV2-style, DO-Conv step minus native, by op: ",
         "at 2x2, batch 2: train step",
         "at 2x2, batch 2: train step, folding",
         "state_dict tensor bytes",
