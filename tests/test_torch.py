@@ -720,12 +720,37 @@ def test_benchmark_composition_sweep_prints_its_table(capsys):
         assert bench_torch.main(["--composition-sweep", "--quick", "--repeats", "1", "--threads", "1"]) == 0
     finally:
         torch.set_num_threads(threads)
-    lines = capsys.readouterr().out.splitlines()
+    lines = capsys.readouterr().out.splitlines()[1:]  # after the header naming the doconv measured
     assert lines[0].startswith("3x3 64->64, D_mul 9, train step: composing features / folding")
     rows = [line.split(" | ") for line in lines[3:]]
     # batch x positions against 64 output channels: an eighth, a half, 49/64 and twice the fold
     assert [float(row[1]) for row in rows] == [0.125, 0.5, 0.766, 2.0]
     assert all(float(row[2]) > 0 for row in rows)
+
+
+def test_benchmark_fold_split_prints_both_ways_side_by_side(capsys):
+    from doconv.benchmarks import bench_torch
+    from doconv.torch import folding
+
+    if folding._foldkernel is None or not folding._GOMP:
+        assert bench_torch.main(["--fold-split", "--quick", "--repeats", "1"]) == 2
+        return
+    assert bench_torch.main(["--fold-split", "--quick", "--repeats", "1", "--threads", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("fold forward + backward, D_mul 9: Python pool / torch's OpenMP threads")
+    rows = [line.split(" | ") for line in lines[4:]]
+    assert [row[0] for row in rows] == ["| 3x3 64->64", "| 3x3 256->256"]
+    assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows)
+    assert folding._GOMP  # restored
+
+
+def test_benchmark_header_warns_about_a_build_without_the_kernel(monkeypatch):
+    from doconv.benchmarks import bench_torch
+
+    monkeypatch.setattr(bench_torch._fold_cpu, "kernel", None)
+    where, warning = bench_torch.which_doconv()
+    assert where.endswith("C fold kernel NOT built")
+    assert warning.startswith("WARNING: doconv's C fold kernel is not built here") and "NumPy fallback" in warning
 
 
 @needs_cuda
@@ -854,11 +879,24 @@ def test_benchmark_program_prints_its_ratio_table(capsys):
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
+    import doconv
+    from doconv import _fold_cpu
+
+    kernel = "built" if _fold_cpu.kernel is not None else "NOT built"
+    assert (
+        out.splitlines()[0]
+        == f"doconv {doconv.__version__} from {os.path.dirname(doconv.__file__)}, C fold kernel {kernel}"
+    )
     for row in (
         "train step",
         "train step, every layer folding",
-        "eval forward, unfused",
+        "eval forward, unfused, inside cached_kernels",
+        "eval forward, unfused, folding every forward",
         "eval forward, fused",
+        "MobileNetV2-style, batch 2, 32x32: train step",
+        "EfficientNet-B0-style, batch 2, 32x32: train step",
+        "share of a DO-Conv MobileNetV2-style training step",
+        "share of a DO-Conv EfficientNet-B0-style training step",
         "at 2x2, batch 2: train step",
         "at 2x2, batch 2: train step, folding",
         "state_dict tensor bytes",

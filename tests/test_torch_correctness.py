@@ -2,7 +2,6 @@
 clear errors for mismatched parameters, and large kernels that train (or refuse) without a crash."""
 
 import copy
-import inspect
 import subprocess
 import sys
 import textwrap
@@ -14,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-from doconv import _fold_cpu, core  # noqa: E402
+from doconv import core  # noqa: E402
 from doconv.torch import (  # noqa: E402
     DOConv2d,
     cached_kernels,
@@ -353,14 +352,7 @@ def test_the_functional_fast_fold_checks_its_arguments(cpu_path):
 
 # --- large kernels -------------------------------------------------------------------------------
 
-_CHECKED_KERNEL = "groups" in inspect.signature(_fold_cpu.run).parameters  # the c-kernel branch's interface
 
-
-@pytest.mark.xfail(
-    folding._foldkernel is not None and not _CHECKED_KERNEL,
-    reason="the compiled kernel before 'fold kernel: checked array interface' sizes stack arrays by K·D_mul",
-    strict=False,
-)
 @pytest.mark.parametrize("kernel_size,D_mul", [(51, None), (3, 300000)])
 def test_large_kernels_train_a_step_or_refuse_cleanly(kernel_size, D_mul):
     """Run in a child process: a crash of native code must show as a failure, not end the test run."""
@@ -383,7 +375,7 @@ def test_large_kernels_train_a_step_or_refuse_cleanly(kernel_size, D_mul):
         ref = fold(W, D, layer.identity, 1, layer._kernel_shape)
         torch.nn.functional.conv2d(x, ref, layer.bias.detach(), padding=layer.padding).square().sum().backward()
         for got, want in ((layer.W.grad, W.grad), (layer.D.grad, D.grad)):
-            assert torch.allclose(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max())), "gradients differ"
+            assert torch.allclose(got, want, rtol=1e-3, atol=1e-4 * float(want.abs().max())), "gradients differ"
         torch.optim.SGD(layer.parameters(), lr=0.1).step()
         print("trained")
         """

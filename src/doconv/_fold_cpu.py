@@ -1,7 +1,13 @@
 """The compiled fold kernels (doconv._foldkernel) and how their work is split between threads.
 
-Framework-neutral: the adapters pass addresses of C-contiguous float32/float64 buffers, laid out
-as in docs/maths.rst (W and the folded kernel (C_out, C_in/g, ·), D_hat (C_in, K, D_mul)).
+Framework-neutral: the adapters pass NumPy arrays (views of their own tensors' memory),
+C-contiguous float32 or float64, all of one dtype, laid out as in docs/maths.rst (W and the
+folded kernel (C_out, C_in/g, ·), D_hat = D + I (C_in, K, D_mul)). Every size comes from the
+arrays' shapes: the C entry points check, through the buffer protocol and before any loop runs,
+that the three arrays are 3-D, contiguous, of one float dtype, that their shapes agree with each
+other and with ``groups``, and that the output is writable and overlaps neither input; a
+mismatch raises ``ValueError`` naming the array and both shapes (expected, received). So no call,
+from here or straight into doconv._foldkernel, can make the kernels read or write out of bounds.
 ``kernel`` is None where the extension was not built (no compiler at install time); each adapter
 then folds with its framework's own ops.
 """
@@ -48,24 +54,46 @@ def run_parts(work: Callable[[int, int], None], parts: int) -> None:
         future.result()
 
 
-def run(name: str, a: int, b: int, out: int, itemsize: int, sizes: tuple, n: int, threads: int, openmp: bool) -> None:
-    """Run ``kernel.<name>`` over items [0, n) of ``out`` from ``a`` and ``b`` (addresses).
+# The three products: what a, b and out hold, and the size whose items are cut between threads.
+KERNELS = {
+    "fold_rows": "a = W (C_out, C_in/g, D_mul), b = D_hat transposed (C_in, D_mul, K), out = folded (C_out, C_in/g, K)",
+    "grad_W_rows": "a = G (C_out, C_in/g, K), b = D_hat (C_in, K, D_mul), out = grad_W (C_out, C_in/g, D_mul)",
+    "grad_D_channels": "a = G (C_out, C_in/g, K), b = W (C_out, C_in/g, D_mul), out = grad_D (C_in, K, D_mul)",
+}
+
+
+def _macs(name: str, a, b, out) -> int:
+    """The product's multiply-adds: a's size times D_mul (grad_D) or out's last size (K or D_mul)."""
+    try:
+        return int(a.size) * int((b if name == "grad_D_channels" else out).shape[-1])
+    except (AttributeError, IndexError, TypeError):  # not arrays: the kernel itself says what is wrong
+        return 0
+
+
+def run(name: str, a, b, out, groups: int, threads: int, openmp: bool) -> None:
+    """Compute ``out`` from ``a`` and ``b`` with ``kernel.<name>``, split between threads.
 
     Args:
-        name: 'fold_rows', 'grad_W_rows' (n = C_out) or 'grad_D_channels' (n = C_in/g).
-        itemsize: 4 (float32) or 8 (float64).
-        sizes: (groups, C_in/g, K, D_mul, C_out/g).
+        name: one of :data:`KERNELS` ('fold_rows', 'grad_W_rows', 'grad_D_channels').
+        a, b: the inputs, out: the output, NumPy arrays as :data:`KERNELS` lays them out:
+            C-contiguous, float32 or float64, one dtype; out is overwritten.
+        groups: the convolution's groups (C_out and C_in are multiples of it).
         threads: how many parts to cut the work in (see :func:`parts_for`).
-        openmp: split on the OpenMP runtime given to :func:`use_openmp` (else a Python pool).
+        openmp: split on the OpenMP runtime given to :func:`use_openmp` (else a Python pool,
+            one kernel call per part).
+
+    Raises:
+        ValueError: a shape, dtype, layout or ``groups`` that does not fit (from the kernel,
+            which checks every call before it reads anything).
     """
+    if name not in KERNELS:
+        raise ValueError(f"name must be one of {', '.join(KERNELS)}. Received: name={name!r}")
     function = getattr(kernel, name)
-    groups, C_in_g, K, D_mul, C_out_g = sizes
-    parts = parts_for(threads, groups * C_out_g * C_in_g * K * D_mul)
-    head = (a, b, out, itemsize, *sizes)
-    if openmp:
-        function(*head, 0, n, parts)
+    parts = parts_for(threads, _macs(name, a, b, out))
+    if openmp or parts < 2:
+        function(a, b, out, groups, parts)
     else:
-        run_parts(lambda part, parts: function(*head, *share(n, part, parts), 1), parts)
+        run_parts(lambda part, parts: function(a, b, out, groups, parts, part), parts)
 
 
 def openmp_parallel_address(package_dir: str) -> int:

@@ -112,32 +112,42 @@ class _FoldOp(mx.operator.CustomOp):
         self._identity = identity  # (K, D_mul), never a parameter
         self._threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
-    def _run(self, name: str, a: np.ndarray, b: np.ndarray, req: str, target, n: int, W_shape) -> None:
-        """One kernel into ``target`` (an NDArray) as ``req`` asks: written in place, or added."""
+    def _run(self, name: str, a: np.ndarray, b: np.ndarray, req: str, target) -> None:
+        """One kernel into ``target`` (an NDArray) as ``req`` asks: written in place, or added.
+
+        The kernel checks the arrays (shapes against each other and groups, dtype, layout) and
+        raises ValueError before it reads anything; an output that MXNet placed on an input's
+        memory is computed into a fresh array instead, as the kernel refuses to write over its input.
+        """
         if req == "null":
             return
-        in_place = _on_cpu(target) and req in ("write", "inplace")
-        out = _host(target) if in_place else np.empty(target.shape, a.dtype)
-        C_out, C_in_g, D_mul = W_shape
-        sizes = (self._groups, C_in_g, self._identity.shape[0], D_mul, C_out // self._groups)
-        _fold_cpu.run(name, a.ctypes.data, b.ctypes.data, out.ctypes.data, a.itemsize, sizes, n, self._threads, False)
+        out = _host(target) if _on_cpu(target) and req in ("write", "inplace") else None
+        in_place = out is not None and not (np.may_share_memory(out, a) or np.may_share_memory(out, b))
+        if not in_place:
+            out = np.empty(target.shape, a.dtype)
+        _fold_cpu.run(name, a, b, out, self._groups, self._threads, False)
         if not in_place:
             self.assign(target, req, nd.array(out, ctx=target.context, dtype=out.dtype))
 
     def _inputs(self, in_data) -> tuple:
         W, D = (_host(x) for x in in_data)
+        if D.shape[1:] != self._identity.shape:  # D + I would broadcast a D of the wrong shape silently
+            raise ValueError(
+                f"doconv_fold: D must have shape (C_in, K, D_mul) with (K, D_mul) = {self._identity.shape}. "
+                f"Received: D.shape={D.shape}"
+            )
         return W, D + self._identity.astype(D.dtype, copy=False)  # D_hat, (C_in, K, D_mul)
 
     def forward(self, is_train, req, in_data, out_data, aux):
         W, D_hat = self._inputs(in_data)
         D_hat_t = np.ascontiguousarray(D_hat.transpose(0, 2, 1))  # (C_in, D_mul, K): taps innermost
-        self._run("fold_rows", W, D_hat_t, req[0], out_data[0], W.shape[0], W.shape)
+        self._run("fold_rows", W, D_hat_t, req[0], out_data[0])
 
     def backward(self, req, out_grad, in_data, out_data, in_grad, aux):
         W, D_hat = self._inputs(in_data)
         G = _host(out_grad[0])
-        self._run("grad_D_channels", G, W, req[1], in_grad[1], W.shape[1], W.shape)
-        self._run("grad_W_rows", G, D_hat, req[0], in_grad[0], W.shape[0], W.shape)
+        self._run("grad_D_channels", G, W, req[1], in_grad[1])
+        self._run("grad_W_rows", G, D_hat, req[0], in_grad[0])
 
 
 @mx.operator.register("doconv_fold")

@@ -5,8 +5,11 @@ so drift of the machine's speed hits all of them alike, and reports the median o
 the per-repeat ratios. A second native copy ("control") shows the noise floor:
 its ratio to the native model should read 1.00.
 
-Run ``python benchmarks/bench_torch.py`` (or ``doconv bench``); ``--quick`` is a
-seconds-long smoke run with small sizes, ``--device cuda`` measures on a GPU.
+Run ``python -m doconv.benchmarks.bench_torch`` (or ``doconv bench``) with doconv installed (the
+header line names the doconv it measures and whether its C fold kernel is built); ``--quick`` is a
+seconds-long smoke run with small sizes, ``--device cuda`` measures on a GPU, ``--profile`` adds
+the fold's share of a training step, ``--fold-split`` times the fold's two ways of splitting work
+between threads.
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from doconv import core
+import doconv
+from doconv import _fold_cpu, core
 from doconv.torch import (
     DOConv2d,
+    cached_kernels,
     compose_features,
     convert_model,
     feature_composition_in_use,
@@ -85,6 +90,98 @@ def resnet18_style(num_classes: int = 10, width: int = 64) -> nn.Module:
         in_channels = out_channels
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_channels, num_classes)]
     return nn.Sequential(*layers)
+
+
+# -- MobileNetV2- and EfficientNet-B0-style networks: inverted residuals with depthwise convolutions --
+
+
+class InvertedResidual(nn.Module):
+    """1x1 expansion, depthwise k x k, optional squeeze-and-excitation, 1x1 projection; a residual
+    where the shapes allow (MobileNetV2's block with ReLU6, EfficientNet's MBConv with SiLU and SE)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, expand: int, kernel: int, se: bool, act):
+        super().__init__()
+        hidden = in_channels * expand
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers += [nn.Conv2d(in_channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), act()]
+        layers += [
+            nn.Conv2d(hidden, hidden, kernel, stride, kernel // 2, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            act(),
+        ]
+        self.body = nn.Sequential(*layers)
+        squeezed = max(1, in_channels // 4)
+        self.se = (
+            nn.Sequential(
+                nn.AdaptiveAvgPool2d(1), nn.Conv2d(hidden, squeezed, 1), nn.SiLU(), nn.Conv2d(squeezed, hidden, 1)
+            )
+            if se
+            else None
+        )
+        self.project = nn.Sequential(nn.Conv2d(hidden, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels))
+        self.residual = stride == 1 and in_channels == out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        if self.se is not None:
+            y = y * torch.sigmoid(self.se(y))
+        y = self.project(y)
+        return x + y if self.residual else y
+
+
+# (expansion, kernel, stride, output channels, repeats) per stage
+_MOBILENET_V2 = [(1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 3, 2, 32, 3), (6, 3, 2, 64, 4), (6, 3, 1, 96, 3)]
+_MOBILENET_V2 += [(6, 3, 2, 160, 3), (6, 3, 1, 320, 1)]
+_EFFICIENTNET_B0 = [(1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3), (6, 5, 1, 112, 3)]
+_EFFICIENTNET_B0 += [(6, 5, 2, 192, 4), (6, 3, 1, 320, 1)]
+
+
+def _inverted_residual_net(stages, se: bool, act, num_classes: int, width: float) -> nn.Module:
+    def channels(c: int) -> int:
+        return max(8, int(c * width + 4) // 8 * 8)  # multiples of 8, as both papers round them
+
+    stem = channels(32)
+    layers: list[nn.Module] = [nn.Conv2d(3, stem, 3, 2, 1, bias=False), nn.BatchNorm2d(stem), act()]
+    in_channels = stem
+    for expand, kernel, stride, out, repeats in stages:
+        for i in range(repeats):
+            layers.append(
+                InvertedResidual(in_channels, channels(out), stride if i == 0 else 1, expand, kernel, se, act)
+            )
+            in_channels = channels(out)
+    head = channels(1280)
+    layers += [nn.Conv2d(in_channels, head, 1, bias=False), nn.BatchNorm2d(head), act()]
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(head, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def mobilenet_v2_style(num_classes: int = 10, width: float = 1.0) -> nn.Module:
+    """MobileNetV2's layout (inverted residuals, depthwise 3x3, ReLU6) with plain nn.Conv2d.
+
+    Args:
+        num_classes: outputs of the final linear layer. Default 10.
+        width: the width multiplier (channels rounded to multiples of 8). Default 1.0.
+
+    Example:
+        >>> mobilenet_v2_style(width=0.25)(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+    return _inverted_residual_net(_MOBILENET_V2, False, nn.ReLU6, num_classes, width)
+
+
+def efficientnet_b0_style(num_classes: int = 10, width: float = 1.0) -> nn.Module:
+    """EfficientNet-B0's layout (MBConv with depthwise 3x3 and 5x5, squeeze-and-excitation, SiLU).
+
+    Args:
+        num_classes: outputs of the final linear layer. Default 10.
+        width: the width multiplier (channels rounded to multiples of 8). Default 1.0.
+
+    Example:
+        >>> efficientnet_b0_style(width=0.25)(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+    return _inverted_residual_net(_EFFICIENTNET_B0, True, nn.SiLU, num_classes, width)
 
 
 # -- timing ------------------------------------------------------------------------------------
@@ -174,8 +271,14 @@ def _tensor_bytes(model: nn.Module) -> int:
 
 def _sizes(quick: bool) -> dict:
     if quick:
-        return dict(batch=2, image=32, width=8, layer_channels=64, layer_batch=2, repeats=3, warmup=1)
-    return dict(batch=16, image=64, width=64, layer_channels=512, layer_batch=8, repeats=30, warmup=3)
+        return dict(
+            batch=2, image=32, width=8, layer_channels=64, layer_batch=2, mobile_image=32, mobile_width=0.25,
+            repeats=3, warmup=1,
+        )  # fmt: skip
+    return dict(
+        batch=16, image=64, width=64, layer_channels=512, layer_batch=8, mobile_image=112, mobile_width=1.0,
+        repeats=30, warmup=3,
+    )  # fmt: skip
 
 
 # -- peak training memory, one fresh process per variant -------------------------------------------
@@ -270,11 +373,26 @@ def run(quick: bool = False, device: str = "cpu", repeats: int | None = None, me
     for model in (native, control, doconv):
         model.eval()
     fused = fuse_model(doconv)
+    cached = copy.deepcopy(doconv)
     forwards = {m: _eval(model, x) for m, model in _named(native, control, doconv).items()}
+    forwards["cached"] = _eval(cached, x)
     forwards["fused"] = _eval(fused, x)
-    times = side_by_side(forwards, repeats, sizes["warmup"], dev)
-    add(f"{net}: eval forward, unfused", times, "doconv", "<= 1.02")
+    with cached_kernels(cached):  # the explicit cache, open for the whole measurement
+        times = side_by_side(forwards, repeats, sizes["warmup"], dev)
+    add(f"{net}: eval forward, unfused, inside cached_kernels", times, "cached", "<= 1.02")
+    add(f"{net}: eval forward, unfused, folding every forward", times, "doconv", "-")
     add(f"{net}: eval forward, fused", times, "fused", "1.00")
+
+    # Depthwise-heavy networks: many small layers, each folding once per step.
+    for name, make in (("MobileNetV2-style", mobilenet_v2_style), ("EfficientNet-B0-style", efficientnet_b0_style)):
+        torch.manual_seed(0)
+        mobile = make(width=sizes["mobile_width"]).to(dev)
+        image = sizes["mobile_image"]
+        xm = torch.randn(sizes["batch"], 3, image, image, device=dev)
+        models = _named(mobile, copy.deepcopy(mobile), convert_model(mobile))
+        steps = {m: _train_step(model, _sgd(model), xm, target) for m, model in models.items()}
+        times = side_by_side(steps, repeats, sizes["warmup"], dev)
+        add(f"{name}, batch {sizes['batch']}, {image}x{image}: train step", times, "doconv", "<= 1.15")
 
     # The worst layer: 3x3, 512 -> 512 at 7x7, batch 8 (the fold is largest next to the conv).
     channels = sizes["layer_channels"]
@@ -333,16 +451,25 @@ def run(quick: bool = False, device: str = "cpu", repeats: int | None = None, me
     return rows
 
 
-def fold_share(quick: bool = False, steps: int = 3) -> float:
-    """The share of a DO-Conv ResNet-18-style training step spent folding (forward and backward).
+def fold_share(quick: bool = False, steps: int = 3, network: str = "resnet18") -> float:
+    """The share of a DO-Conv network's training step spent folding (forward and backward).
 
     Measured with ``torch.profiler``: self CPU time of the fold's autograd nodes over all ops.
     Eager CPU only (the C kernel or NumPy path; the einsum path shows up as its aten ops).
+
+    Args:
+        quick: the quick sizes. Default False.
+        steps: training steps profiled. Default 3.
+        network: 'resnet18', 'mobilenet_v2' or 'efficientnet_b0'. Default 'resnet18'.
     """
     sizes = _sizes(quick)
     torch.manual_seed(0)
-    model = convert_model(resnet18_style(width=sizes["width"]))
-    x = torch.randn(sizes["batch"], 3, sizes["image"], sizes["image"])
+    if network == "resnet18":
+        model, image = convert_model(resnet18_style(width=sizes["width"])), sizes["image"]
+    else:
+        make = {"mobilenet_v2": mobilenet_v2_style, "efficientnet_b0": efficientnet_b0_style}[network]
+        model, image = convert_model(make(width=sizes["mobile_width"])), sizes["mobile_image"]
+    x = torch.randn(sizes["batch"], 3, image, image)
     step = _train_step(model, _sgd(model), x, torch.randint(0, 10, (sizes["batch"],)))
     step()
     with torch.profiler.profile() as profile:
@@ -452,6 +579,70 @@ def composition_sweep(quick: bool = False, repeats: int | None = None) -> list[d
     return rows
 
 
+def fold_split(quick: bool = False, repeats: int | None = None) -> list[dict]:
+    """The C kernel's fold (forward and backward) split on torch's OpenMP threads vs on a Python pool.
+
+    The measurement behind keeping ``_fold_cpu.openmp_parallel_address`` (the /proc/self/maps and
+    ctypes lookup of torch's OpenMP runtime): it stays only while the pool is slower by more than
+    the noise, which the second OpenMP copy ("control") shows. Layers 3x3 C -> C, D_mul 9.
+
+    Returns:
+        Rows ``{"layer", "ratio" (pool / OpenMP), "control" (OpenMP / OpenMP), "openmp_ms"}``;
+        empty where the C kernel is not built or torch's OpenMP runtime was not found.
+    """
+    from doconv.torch import folding
+
+    if folding._foldkernel is None or not folding._GOMP:
+        return []
+    sizes = _sizes(quick)
+    repeats = repeats or sizes["repeats"]
+    rows = []
+    for channels in (64, 256) if quick else (128, 256, 512):
+        g = torch.Generator().manual_seed(0)
+        W = torch.randn(channels, channels, 9, generator=g, requires_grad=True)
+        D = torch.randn(channels, 9, 9, generator=g, requires_grad=True)
+        identity = torch.as_tensor(core.identity(9, 9))
+        shape = [channels, channels, 3, 3]
+        upstream = torch.randn(shape, generator=g)
+
+        def fold_and_grad(openmp: bool, W=W, D=D, identity=identity, shape=shape, upstream=upstream) -> None:
+            folding._GOMP = openmp
+            try:
+                torch.autograd.grad(folding._fold_fast(W, D, identity, 1, shape), (W, D), upstream)
+            finally:
+                folding._GOMP = True
+
+        variants = {"openmp": lambda: fold_and_grad(True), "control": lambda: fold_and_grad(True)}
+        variants["pool"] = lambda: fold_and_grad(False)
+        times = side_by_side(variants, repeats, sizes["warmup"], torch.device("cpu"))
+        rows.append(
+            {
+                "layer": f"3x3 {channels}->{channels}",
+                "ratio": median_ratio(times, "pool", base="openmp"),
+                "control": median_ratio(times, "control", base="openmp"),
+                "openmp_ms": 1e3 * statistics.median(times["openmp"]),
+            }
+        )
+    return rows
+
+
+def which_doconv() -> tuple[str, bool]:
+    """(where the measured doconv is imported from and whether its C fold kernel is built, a warning or '')."""
+    location = os.path.dirname(doconv.__file__)
+    built = _fold_cpu.kernel is not None
+    where = f"doconv {doconv.__version__} from {location}, C fold kernel {'built' if built else 'NOT built'}"
+    installed = any(part in location for part in ("site-packages", "dist-packages"))
+    warning = ""
+    if not built:
+        warning = (
+            "WARNING: doconv's C fold kernel is not built here"
+            + ("" if installed else " (this doconv is a source tree)")
+            + ": these numbers measure the NumPy fallback, not the installed package. "
+            "Install with `pip install .` where a C compiler is available."
+        )
+    return where, warning
+
+
 def _named(native: nn.Module, control: nn.Module, doconv: nn.Module) -> dict[str, nn.Module]:
     return {"native": native, "control": control, "doconv": doconv}
 
@@ -493,6 +684,11 @@ def main(argv: list[str] | None = None) -> int:
         help="only time one layer composing features vs folding at several input sizes (CPU)",
     )
     parser.add_argument(
+        "--fold-split",
+        action="store_true",
+        help="only time the C kernel's fold split on torch's OpenMP threads vs on a Python thread pool (CPU)",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="also print the fold's share of a training step (torch.profiler) and its memory-traffic floor",
@@ -506,6 +702,21 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_torch: --device cuda asked for, but CUDA is not available", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
+    where, warning = which_doconv()
+    if warning:
+        print(warning, file=sys.stderr)
+    print(where)
+    if args.fold_split:
+        rows = fold_split(quick=args.quick, repeats=args.repeats)
+        if not rows:
+            print("bench_torch: --fold-split needs the C kernel and torch's OpenMP runtime", file=sys.stderr)
+            return 2
+        print(f"fold forward + backward, D_mul 9: Python pool / torch's OpenMP threads, CPU, {args.threads} threads")
+        print("| layer | pool / OpenMP | control (OpenMP / OpenMP) | OpenMP ms |")
+        print("| --- | --- | --- | --- |")
+        for row in rows:
+            print(f"| {row['layer']} | {row['ratio']:.3f} | {row['control']:.3f} | {row['openmp_ms']:.2f} |")
+        return 0
     if args.composition_sweep:
         sweep = composition_sweep(quick=args.quick, repeats=args.repeats)
         channels = _sizes(args.quick)["layer_channels"]
@@ -527,6 +738,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile and not args.device.startswith("cuda"):
         share = fold_share(quick=args.quick)
         print(f"fold (forward + backward) share of a DO-Conv ResNet-18-style training step: {100 * share:.1f} %")
+        for network, name in (("mobilenet_v2", "MobileNetV2-style"), ("efficientnet_b0", "EfficientNet-B0-style")):
+            share = fold_share(quick=args.quick, network=network)
+            print(f"fold (forward + backward) share of a DO-Conv {name} training step: {100 * share:.1f} %")
         features, folding = composing_layers(quick=args.quick)
         print(
             f"layers composing features in a training step: {len(features)} of {len(features) + len(folding)} "

@@ -86,18 +86,15 @@ def _run_parts(work: Callable[[int, int], None], macs: int) -> None:
 
 
 def _kernel(name: str, a: Tensor, b: Tensor, out: Tensor, groups: int) -> None:
-    """The one call into the compiled kernel, on C-contiguous CPU tensors of one dtype.
+    """The one call into the compiled kernel: ``_fold_cpu.run`` on NumPy views of contiguous CPU tensors.
 
-    ``name`` and the layouts (``_fold_cpu.run``): 'fold_rows' a = W, b = D_hat transposed
+    ``name`` and the layouts as in ``_fold_cpu.KERNELS``: 'fold_rows' a = W, b = D_hat transposed
     (C_in, D_mul, K), out = the folded kernel; 'grad_W_rows' a = G, b = D_hat, out = grad_W;
-    'grad_D_channels' a = G, b = W, out = grad_D.
+    'grad_D_channels' a = G, b = W, out = grad_D. The kernel checks shapes, dtypes and layout and
+    raises ValueError on a mismatch before it reads anything.
     """
-    C_out, C_in_g = a.shape[0], a.shape[1]
-    K, D_mul = (out.shape[2], a.shape[2]) if name == "fold_rows" else (a.shape[2], b.shape[2])
-    n = C_in_g if name == "grad_D_channels" else C_out
-    sizes = (groups, C_in_g, K, D_mul, C_out // groups)
-    threads = torch.get_num_threads()
-    _fold_cpu.run(name, a.data_ptr(), b.data_ptr(), out.data_ptr(), a.element_size(), sizes, n, threads, _GOMP)
+    arrays = (t.detach().numpy() for t in (a, b, out))
+    _fold_cpu.run(name, *arrays, groups, torch.get_num_threads(), _GOMP)
 
 
 _share = _fold_cpu.share

@@ -44,6 +44,14 @@ def _constructor_arguments(layer: nn.Module) -> tuple:
     )
 
 
+class ConvError(ValueError, RuntimeError):
+    """A bad argument or input of a DO-Conv layer.
+
+    Both a ValueError (how doconv reports a bad value) and a RuntimeError (what ``nn.ConvNd`` raises
+    for most of these, several only at its first forward): code written for either catches it.
+    """
+
+
 class _DOConvNd(nn.Module):
     """Shared implementation of DOConv1d/2d/3d; see :class:`DOConv2d`."""
 
@@ -79,24 +87,13 @@ class _DOConvNd(nn.Module):
         D_mul: Optional[int] = None,
     ) -> None:
         super().__init__()
-        rank = self._rank
-        self.in_channels = core.check_int(in_channels, "in_channels")
-        self.out_channels = core.check_int(out_channels, "out_channels")
-        self.kernel_size = core.normalize_tuple(kernel_size, rank, "kernel_size")
-        self.stride = core.normalize_tuple(stride, rank, "stride")
-        self.dilation = core.normalize_tuple(dilation, rank, "dilation")
-        self.groups = core.check_int(groups, "groups")
-        core.check_groups(self.in_channels, self.out_channels, self.groups)
-        self.padding_mode = core.check_padding_mode(padding_mode)
+        try:
+            arguments = (in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode)
+            self._set_arguments(*arguments, D_mul)
+        except ValueError as err:  # nn.ConvNd rejects many of these at forward, with a RuntimeError
+            raise ConvError(str(err)) from None
         if not isinstance(bias, bool):
             raise TypeError(f"bias must be True or False. Received: bias={bias!r}")
-        self.padding = self._native_padding(padding)
-        pairs = core.padding_pairs(self.padding, self.kernel_size, self.stride, self.dilation)
-        # F.pad wants the last dimension first: (left, right, top, bottom, ...).
-        self._reversed_padding = [side for pair in reversed(pairs) for side in pair]
-        self._no_padding = (0,) * rank
-        self.D_mul = core.resolve_D_mul(D_mul, self.kernel_size)
-        self._kernel_shape = [self.out_channels, self.in_channels // self.groups, *self.kernel_size]
         # W has no spatial dimensions to carry a memory format: from_conv records the conv's, fuse() restores it.
         self._channels_last_kernel = False
 
@@ -115,6 +112,27 @@ class _DOConvNd(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.reset_parameters()
+
+    def _set_arguments(
+        self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode, D_mul
+    ) -> None:
+        """Validate and store the convolution's arguments (each error names the argument and its value)."""
+        rank = self._rank
+        self.in_channels = core.check_int(in_channels, "in_channels")
+        self.out_channels = core.check_int(out_channels, "out_channels")
+        self.kernel_size = core.normalize_tuple(kernel_size, rank, "kernel_size")
+        self.stride = core.normalize_tuple(stride, rank, "stride")
+        self.dilation = core.normalize_tuple(dilation, rank, "dilation")
+        self.groups = core.check_int(groups, "groups")
+        core.check_groups(self.in_channels, self.out_channels, self.groups)
+        self.padding_mode = core.check_padding_mode(padding_mode)
+        self.padding = self._native_padding(padding)
+        pairs = core.padding_pairs(self.padding, self.kernel_size, self.stride, self.dilation)
+        # F.pad wants the last dimension first: (left, right, top, bottom, ...).
+        self._reversed_padding = [side for pair in reversed(pairs) for side in pair]
+        self._no_padding = (0,) * rank
+        self.D_mul = core.resolve_D_mul(D_mul, self.kernel_size)
+        self._kernel_shape = [self.out_channels, self.in_channels // self.groups, *self.kernel_size]
 
     def _native_padding(self, padding: Any):
         """Accept what nn.ConvNd accepts: 'same', 'valid', an int or one int per dimension."""
@@ -208,7 +226,7 @@ class _DOConvNd(nn.Module):
         rank = self._rank
         batched = x.dim() == rank + 2
         if not (batched or x.dim() == rank + 1) or x.shape[1 if batched else 0] != self.in_channels:
-            raise ValueError(
+            raise ConvError(
                 self._name()
                 + " expects input of shape (N, "
                 + str(self.in_channels)
@@ -296,7 +314,7 @@ class _DOConvNd(nn.Module):
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
         if self.padding != (0,) * self._rank:
-            s += f", padding={self.padding!r}" if isinstance(self.padding, str) else f", padding={self.padding}"
+            s += f", padding={self.padding}"  # as nn.ConvNd prints it: padding=same
         if self.dilation != (1,) * self._rank:
             s += f", dilation={self.dilation}"
         if self.groups != 1:
