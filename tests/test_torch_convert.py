@@ -115,7 +115,9 @@ def test_frozen_stem_stays_frozen_through_convert_sgd_and_fuse():
     for module in (model.conv1, model.bn1, model.layer1):
         module.requires_grad_(False)
     converted = convert_model(model)
-    frozen = [n for n, p in converted.named_parameters() if n.startswith(("conv1.", "bn1.", "layer1.")) and p.requires_grad]
+    frozen = [
+        n for n, p in converted.named_parameters() if n.startswith(("conv1.", "bn1.", "layer1.")) and p.requires_grad
+    ]
     assert frozen == []
     assert all(p.requires_grad for n, p in converted.named_parameters() if n.startswith(("layer2.", "fc.")))
     stem_before = converted.conv1.weight.detach().clone()

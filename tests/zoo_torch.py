@@ -207,7 +207,9 @@ def main(argv: list[str]) -> int:
     networks = _local_networks() + _torchvision_networks() + _timm_networks() + _transformers_networks()
     if argv:
         networks = [n for n in networks if any(word in n[0] for word in argv)]
-    header = f"{'network':40s} {'convs':>5s} {'conv.':>5s} {'left':>5s} {'warn':>4s} {'convert':>9s} {'fuse':>9s}  exact"
+    header = (
+        f"{'network':40s} {'convs':>5s} {'conv.':>5s} {'left':>5s} {'warn':>4s} {'convert':>9s} {'fuse':>9s}  exact"
+    )
     print(header)
     print("-" * len(header))
     failures = 0
