@@ -421,6 +421,8 @@ def test_bare_layers_convert_and_fuse():
     assert type(left) is StdConv
     with pytest.warns(UserWarning, match="found no nn.Conv1d/2d/3d"):
         convert_model(nn.Linear(2, 2))
+    with pytest.warns(UserWarning, match=r"'0' \(LazyConv2d: not initialized, run one forward first\)"):
+        convert_model(nn.Sequential(nn.LazyConv2d(4, 3)))
 
 
 def test_depthwise_separable_blocks_convert_exactly_and_fuse_back():

@@ -20,6 +20,7 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize, prune
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
@@ -429,7 +430,9 @@ def _replace(model: nn.Module, direction: _Direction, inplace: bool, decide: Cal
     sites, left, kept = [], [], 0
     for name, module in model.named_modules():
         if _exact_class(module, direction.classes) is None:
-            if direction.conv_like(module):
+            if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+                left.append(f"{_shown(name)} ({type(module).__name__}: not initialized, run one forward first)")
+            elif direction.conv_like(module):
                 left.append(f"{_shown(name)} ({type(module).__name__})")
             continue
         baked, reason = _inspect(module, direction)
