@@ -7,6 +7,7 @@ blocks, timm-style conv subclasses, ties, shared modules, pruning and weight nor
 
 import copy
 import math
+import threading
 import warnings
 
 import numpy as np
@@ -378,6 +379,19 @@ def test_a_model_that_cannot_be_copied_gets_a_clear_error():
         convert_model(model)
     assert type(model[0]) is nn.Conv2d
     assert type(convert_model(model, inplace=True)[0]) is DOConv2d
+
+    class Recorder:  # a hook whose object cannot be copied (it holds a lock)
+        def __init__(self):
+            self.lock = threading.Lock()
+
+        def __call__(self, module, args, out):
+            pass
+
+    conv = nn.Conv2d(2, 2, 1)
+    conv.register_forward_hook(Recorder())
+    with pytest.raises(RuntimeError, match=r"copying the hooks of \(the model itself\) failed.*Pass inplace=True"):
+        convert_model(conv)
+    assert type(convert_model(conv, inplace=True)) is DOConv2d
 
 
 # --- 5. nothing skipped silently ----------------------------------------------------------------

@@ -240,7 +240,7 @@ def _carry_hooks(site: _Site, memo: Optional[dict]) -> None:
             continue
         entries = OrderedDict((k, h) for k, h in hooks.items() if k not in dropped or attr != "_forward_pre_hooks")
         if memo is not None:
-            entries = copy.deepcopy(entries, memo)
+            entries = _copied(entries, memo, f"the hooks of {_shown(site.name)}")
         elif attr == "_load_state_dict_pre_hooks":
             entries = OrderedDict((k, _rebound(h, site)) for k, h in entries.items())
         elif len(entries) == len(hooks) and not getattr(new, attr):
@@ -249,6 +249,17 @@ def _carry_hooks(site: _Site, memo: Optional[dict]) -> None:
         setattr(new, attr, OrderedDict([*mine.items(), *entries.items()]) if mine else entries)
     if old._backward_hooks or old._backward_pre_hooks:
         new._is_full_backward_hook = old._is_full_backward_hook
+
+
+def _copied(value, memo: dict, what: str):
+    """copy.deepcopy with the model's memo, failing with a message that says what and how to avoid the copy."""
+    try:
+        return copy.deepcopy(value, memo)
+    except Exception as err:
+        raise RuntimeError(
+            f"The conversion works on a copy of the model, and copying {what} failed: {err} Pass inplace=True "
+            "to replace the layers of the model itself."
+        ) from err
 
 
 def _rebound(hook, site: _Site):
@@ -282,7 +293,7 @@ def _carry_attributes(site: _Site, direction: _Direction, memo: Optional[dict]) 
                 f"Cannot carry the attribute {key!r} of {_shown(site.name)} to its new {type(new).__name__}, "
                 f"which defines {key!r} itself."
             )
-        setattr(new, key, value if memo is None else copy.deepcopy(value, memo))
+        setattr(new, key, value if memo is None else _copied(value, memo, f"{_shown(site.name)}.{key}"))
 
 
 def _tie(sites: list[_Site], model: nn.Module, direction: _Direction) -> None:
@@ -400,15 +411,9 @@ def _placeholders(model: nn.Module, memo: dict, direction: _Direction) -> list:
     return fixes
 
 
-def _copy(model: nn.Module, memo: dict, fixes: list, direction: _Direction) -> nn.Module:
+def _copy(model: nn.Module, memo: dict, fixes: list) -> nn.Module:
     """copy.deepcopy(model) with the replaced modules already in ``memo``, so they are never copied."""
-    try:
-        copied = copy.deepcopy(model, memo)
-    except Exception as err:
-        raise RuntimeError(
-            f"{direction.what} works on a copy of the model, and copying it failed: {err} Pass inplace=True "
-            "to replace the layers of the model itself."
-        ) from err
+    copied = _copied(model, memo, "the model")
     for module, key, recompute in fixes:
         twin = memo[id(module)]
         setattr(twin, key, recompute(twin))
@@ -458,7 +463,7 @@ def _replace(model: nn.Module, direction: _Direction, inplace: bool, decide: Cal
     if root is not None:
         result = root  # a bare layer: a module cannot change its class in place, so the new one is returned
     elif not inplace:
-        result = _copy(model, memo, fixes, direction)
+        result = _copy(model, memo, fixes)
     else:
         new_by_id = {id(site.module): site.new for site in sites}
         for parent in list(model.modules()):
