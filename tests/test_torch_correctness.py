@@ -312,6 +312,31 @@ def test_hessian_vector_product_equals_the_einsum_folds(monkeypatch, path):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+def test_torch_func_grad_and_per_sample_gradients_with_vmap(cpu_path):
+    layer = moved(DOConv2d(4, 4, 3, groups=2, dtype=torch.float64))
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    xs = torch.randn(3, 1, 4, 5, 5, dtype=torch.float64)
+
+    def loss(params, x):
+        return torch.func.functional_call(layer, params, (x,)).square().sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, xs)
+    for i, x in enumerate(xs):
+        layer.zero_grad()
+        loss(dict(layer.named_parameters()), x).backward()
+        for name, p in layer.named_parameters():
+            torch.testing.assert_close(per_sample[name][i], p.grad, rtol=1e-10, atol=1e-12)
+    # batched parameters (an ensemble through vmap) take the einsum fold
+    ensemble = {k: torch.stack([v, 2 * v]) for k, v in params.items()}
+    ys = torch.func.vmap(lambda p: torch.func.functional_call(layer, p, (xs[0],)))(ensemble)
+    for i in range(2):
+        with torch.no_grad():
+            twin = copy.deepcopy(layer)
+            for name, p in twin.named_parameters():
+                p.copy_(ensemble[name][i])
+        torch.testing.assert_close(ys[i], fused_output(twin, xs[0]), rtol=1e-10, atol=1e-10)
+
+
 # --- mismatched parameters -----------------------------------------------------------------------
 
 

@@ -171,11 +171,8 @@ def mobilenet_v2_style(num_classes: int = 10, width: float = 1.0) -> nn.Module:
 
 
 def efficientnet_b0_style(num_classes: int = 10, width: float = 1.0) -> nn.Module:
-    """EfficientNet-B0's layout (MBConv with depthwise 3x3 and 5x5, squeeze-and-excitation, SiLU).
-
-    Args:
-        num_classes: outputs of the final linear layer. Default 10.
-        width: the width multiplier (channels rounded to multiples of 8). Default 1.0.
+    """EfficientNet-B0's layout (MBConv with depthwise 3x3 and 5x5, squeeze-and-excitation, SiLU);
+    arguments as :func:`mobilenet_v2_style`.
 
     Example:
         >>> efficientnet_b0_style(width=0.25)(torch.randn(2, 3, 32, 32)).shape
@@ -661,6 +658,15 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    """Print a title line, then a Markdown table."""
+    print(title)
+    print("| " + " | ".join(header) + " |")
+    print("| " + " | ".join("---" for _ in header) + " |")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print the ratio table. Returns 0.
 
@@ -711,21 +717,21 @@ def main(argv: list[str] | None = None) -> int:
         if not rows:
             print("bench_torch: --fold-split needs the C kernel and torch's OpenMP runtime", file=sys.stderr)
             return 2
-        print(f"fold forward + backward, D_mul 9: Python pool / torch's OpenMP threads, CPU, {args.threads} threads")
-        print("| layer | pool / OpenMP | control (OpenMP / OpenMP) | OpenMP ms |")
-        print("| --- | --- | --- | --- |")
-        for row in rows:
-            print(f"| {row['layer']} | {row['ratio']:.3f} | {row['control']:.3f} | {row['openmp_ms']:.2f} |")
+        _print_table(
+            f"fold forward + backward, D_mul 9: Python pool / torch's OpenMP threads, CPU, {args.threads} threads",
+            ["layer", "pool / OpenMP", "control (OpenMP / OpenMP)", "OpenMP ms"],
+            [[r["layer"], f"{r['ratio']:.3f}", f"{r['control']:.3f}", f"{r['openmp_ms']:.2f}"] for r in rows],
+        )
         return 0
     if args.composition_sweep:
         sweep = composition_sweep(quick=args.quick, repeats=args.repeats)
         channels = _sizes(args.quick)["layer_channels"]
         where = f"CPU, {args.threads} threads"
-        print(f"3x3 {channels}->{channels}, D_mul 9, train step: composing features / folding, {where}")
-        print("| input | feature / fold multiply-adds | feature / fold time | folding ms |")
-        print("| --- | --- | --- | --- |")
-        for row in sweep:
-            print(f"| {row['input']} | {row['macs_ratio']:.3f} | {row['ratio']:.3f} | {row['fold_ms']:.1f} |")
+        _print_table(
+            f"3x3 {channels}->{channels}, D_mul 9, train step: composing features / folding, {where}",
+            ["input", "feature / fold multiply-adds", "feature / fold time", "folding ms"],
+            [[r["input"], f"{r['macs_ratio']:.3f}", f"{r['ratio']:.3f}", f"{r['fold_ms']:.1f}"] for r in sweep],
+        )
         return 0
     rows = run(quick=args.quick, device=args.device, repeats=args.repeats, memory=not args.no_memory)
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"

@@ -43,7 +43,8 @@ def cached_kernels(model: nn.Module) -> Iterator[nn.Module]:
     """Fold each DO-Conv layer of ``model`` once and reuse its kernel inside the ``with`` block.
 
     For unfused inference that should run at the native speed: every forward that needs no
-    gradient reuses the kernel its layer folded first in the block. Forwards that need gradients
+    gradient reuses the kernel its layer folded first in the block (1x1 layers have no fold: they
+    use W as it is). Forwards that need gradients
     fold as always. Leaving the outermost block on a layer drops its kernel. Safe to nest and to
     use from several threads; the cache is shared by every thread using the model meanwhile.
 

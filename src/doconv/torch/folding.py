@@ -155,6 +155,18 @@ class _FoldCPU(torch.autograd.Function):
         ctx.groups = groups
 
     @staticmethod
+    def vmap(info, in_dims: tuple, W: Tensor, D: Tensor, identity: Tensor, groups: int) -> tuple:
+        """``torch.func.vmap``: unbatched parameters (per-sample gradients batch the input) keep this
+        Function; batched ones take the einsum fold, which vmap batches itself."""
+        if all(dim is None for dim in in_dims[:3]):
+            return _FoldCPU.apply(W, D, identity, groups), None
+
+        def one(W: Tensor, D: Tensor, identity: Tensor) -> Tensor:
+            return fold(W, D, identity, groups, [W.shape[0], W.shape[1], D.shape[1]])
+
+        return torch.vmap(one, in_dims=tuple(in_dims[:3]))(W, D, identity), 0
+
+    @staticmethod
     def backward(ctx, grad: Tensor):
         W, D, identity = ctx.saved_tensors
         groups = ctx.groups

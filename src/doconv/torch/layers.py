@@ -198,8 +198,9 @@ class _DOConvNd(nn.Module):
     def _kernel_eager(self) -> Tensor:
         """The kernel for an eager forward: from an open :func:`~doconv.torch.cached_kernels` block
         when no gradient is needed, else folded now."""
-        needs_grad = self.W.requires_grad or (self.D is not None and self.D.requires_grad)
-        if not (torch.is_grad_enabled() and needs_grad):
+        if self.D is None:  # 1x1: W is the kernel, nothing to fold or cache
+            return self._fold_eager()
+        if not (torch.is_grad_enabled() and (self.W.requires_grad or self.D.requires_grad)):
             kernel = cached_kernel(self, self._fold_eager)
             if kernel is not None:
                 return kernel
