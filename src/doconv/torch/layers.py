@@ -94,6 +94,8 @@ class _DOConvNd(nn.Module):
             raise ConvError(str(err)) from None
         if not isinstance(bias, bool):
             raise TypeError(f"bias must be True or False. Received: bias={bias!r}")
+        # W has no spatial dimensions to carry a memory format: from_conv records the conv's, fuse() restores it.
+        self._channels_last_kernel = False
 
         factory = {"device": device, "dtype": dtype}
         K = core.kernel_volume(self.kernel_size)
@@ -340,7 +342,9 @@ class _DOConvNd(nn.Module):
         """The native convolution with the folded kernel: the same outputs at the native cost.
 
         Returns:
-            An ``nn.Conv{1,2,3}d`` on the same device and dtype, in the same train/eval mode.
+            An ``nn.Conv{1,2,3}d`` on the same device and dtype, in the same train/eval mode; its
+            weight trains if W or D does, its bias as the bias; channels_last if the layer came
+            from a channels_last conv (:meth:`from_conv`).
 
         Raises:
             ValueError: a parameter holds NaN or infinity.
@@ -362,6 +366,12 @@ class _DOConvNd(nn.Module):
             conv.weight.copy_(self._fold_eager())
             if self.bias is not None:
                 conv.bias.copy_(self.bias)
+        # The kernel trains if any of its factors does; a frozen layer stays frozen.
+        conv.weight.requires_grad_(self.W.requires_grad or (self.D is not None and self.D.requires_grad))
+        if self.bias is not None:
+            conv.bias.requires_grad_(self.bias.requires_grad)
+        if getattr(self, "_channels_last_kernel", False):  # layers pickled before the flag existed lack it
+            conv.to(memory_format=torch.channels_last if self._rank == 2 else torch.channels_last_3d)
         conv.train(self.training)
         return conv
 
@@ -370,7 +380,9 @@ class _DOConvNd(nn.Module):
         """A DO-Conv layer with exactly the outputs of ``conv``, to fine-tune it as DO-Conv.
 
         D is zero, the kernel goes into W's first identity tile, the other tiles are
-        zero, and W's columns past the last tile keep their random init.
+        zero, and W's columns past the last tile keep their random init. W and D follow the
+        kernel's ``requires_grad``, the bias the bias's; device, dtype, train/eval mode and a
+        channels_last kernel layout (restored by :meth:`fuse`) are kept.
 
         Args:
             conv: an ``nn.Conv{1,2,3}d`` of this class's rank.
@@ -398,6 +410,17 @@ class _DOConvNd(nn.Module):
             layer.W.copy_(torch.from_numpy(core.embed_kernel(_numpy(conv.weight), _numpy(layer.W))))
             if conv.bias is not None:
                 layer.bias.copy_(conv.bias)
+        # W and D are the kernel: they follow its trainable flag, as the bias follows the bias's.
+        layer.W.requires_grad_(conv.weight.requires_grad)
+        if layer.D is not None:
+            layer.D.requires_grad_(conv.weight.requires_grad)
+        if conv.bias is not None:
+            layer.bias.requires_grad_(conv.bias.requires_grad)
+        weight = conv.weight
+        # Only a layout that is channels_last and not also contiguous (1x1 kernels are both) says anything.
+        if weight.dim() in (4, 5) and not weight.is_contiguous():
+            layout = torch.channels_last if weight.dim() == 4 else torch.channels_last_3d
+            layer._channels_last_kernel = weight.is_contiguous(memory_format=layout)
         layer.train(conv.training)
         return layer
 
