@@ -14,10 +14,7 @@ import warnings
 from typing import Any, Callable
 
 from .. import core
-from .layers import DO_LAYERS, DOConv2D, DODepthwiseConv2D, DOSeparableConv2D, keras, ops
-
-# Keras exports no public name for "a model built from inputs and outputs", the kind clone_model rebuilds.
-from keras.src.models.functional import Functional as _Functional  # noqa: E402, I001
+from .layers import DO_LAYERS, DOConv2D, DODepthwiseConv2D, DOSeparableConv2D, _Functional, keras, ops
 
 _TO_DO = {
     keras.layers.Conv2D: DOConv2D,

@@ -16,6 +16,9 @@ from .._optional import require
 
 keras = require("keras", "doconv.keras", "keras", "Keras 3")
 ops = keras.ops
+# Keras exports no public name for "a model built from inputs and outputs", the kind clone_model rebuilds;
+# doconv.keras.convert needs it, and it is imported here, after the check that Keras is installed.
+from keras.src.models.functional import Functional as _Functional  # noqa: E402, F401
 
 # Native constructor arguments in Keras 3's order; from_conv and fuse translate configs through them.
 _BIAS_ARGS = ("use_bias", "bias_initializer", "bias_regularizer", "activity_regularizer", "bias_constraint")
@@ -44,7 +47,9 @@ _DEPTHWISE_ARGS = (
     "depthwise_regularizer",
     "depthwise_constraint",
 ) + _BIAS_ARGS
-_SEPARABLE_ARGS = ("filters",) + _DEPTHWISE_ARGS + ("pointwise_initializer", "pointwise_regularizer", "pointwise_constraint")
+_SEPARABLE_ARGS = (
+    ("filters",) + _DEPTHWISE_ARGS + ("pointwise_initializer", "pointwise_regularizer", "pointwise_constraint")
+)
 
 
 def _numpy(x) -> np.ndarray:
@@ -60,7 +65,8 @@ def _check_native(conv, cls, name: str) -> dict:
         raise ValueError(f"{name} must be built (called on an input) first. Received: {name}={conv.name!r}")
     config = conv.get_config()
     if config.get("lora_rank"):
-        raise ValueError(f"A LoRA-enabled {cls.__name__} cannot be converted. Received: lora_rank={config['lora_rank']}")
+        rank = config["lora_rank"]
+        raise ValueError(f"A LoRA-enabled {cls.__name__} cannot be converted. Received: lora_rank={rank}")
     mode = getattr(conv, "quantization_mode", None)
     if mode:
         raise ValueError(f"A quantized {cls.__name__} cannot be converted. Received: quantization_mode={mode!r}")
@@ -163,7 +169,12 @@ class _DOConvBase(keras.layers.Layer):
         # autocast=False: under a mixed precision policy the fold runs in the variable dtype
         # and only the folded kernel is cast to the compute dtype.
         self.W = self.add_weight(
-            name="W", shape=W_shape, initializer=initializer, regularizer=regularizer, constraint=constraint, autocast=False
+            name="W",
+            shape=W_shape,
+            initializer=initializer,
+            regularizer=regularizer,
+            constraint=constraint,
+            autocast=False,
         )
         if self.K > 1:
             self.D = self.add_weight(

@@ -97,8 +97,7 @@ def _checked(layer, name: str, value, shape):
             raise TypeError(f"params[{name!r}] cannot be read as an array: {err}. Received: {value!r}"[:500]) from None
         if array.dtype.kind not in "iuf":
             raise TypeError(
-                f"params[{name!r}] must hold real numbers (an integer or floating dtype). "
-                f"Received: dtype {array.dtype}"
+                f"params[{name!r}] must hold real numbers (an integer or floating dtype). Received: dtype {array.dtype}"
             )
         got = array.shape
     if got != shape:
