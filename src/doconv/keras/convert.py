@@ -148,6 +148,7 @@ class _Surgery:
                     f"{function} does not replace layer {model.name!r} ({_class_name(type(model))}){why}. "
                     "Pass a model to copy it as it is."
                 )
+            self.done.append(model.name)
             return new
         raise TypeError(
             f"{function} takes a keras.Sequential, a Functional keras.Model or a single layer. "
