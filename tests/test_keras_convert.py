@@ -186,11 +186,15 @@ def test_depthwise_false_keeps_depthwise_and_separable_and_names_them():
     with pytest.warns(UserWarning, match=r"converted 1 of 3 .* d \(keras.layers.DepthwiseConv2D: depthwise=False\)"):
         converted = convert_model(model, depthwise=False)
     assert [type(layer).__name__ for layer in converted.layers] == ["DOConv2D", "DepthwiseConv2D", "SeparableConv2D"]
-    assert [type(layer).__name__ for layer in convert_model(model).layers] == [
+    model.trainable = False  # a frozen model stays frozen
+    converted = convert_model(model)
+    assert [type(layer).__name__ for layer in converted.layers] == [
         "DOConv2D",
         "DODepthwiseConv2D",
         "DOSeparableConv2D",
     ]
+    assert not converted.trainable and not converted.trainable_weights
+    assert not fuse_model(converted).trainable_weights
 
 
 @pytest.mark.filterwarnings("error::UserWarning")  # no false "found nothing" warning

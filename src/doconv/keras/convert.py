@@ -155,8 +155,17 @@ class _Surgery:
             f"Received: {type(model).__name__}"
         )
 
-    def left_text(self) -> str:
-        return "; ".join(f"{name} ({cls}: {reason})" for name, cls, reason in self.left)
+    def report(self, function: str, verb: str, kinds: str, model, nothing: str) -> None:
+        """The call's one warning: every layer left as it is, with the counts; or that there was nothing to do."""
+        if self.left:
+            left = "; ".join(f"{name} ({cls}: {reason})" for name, cls, reason in self.left)
+            warnings.warn(
+                f"{function} {verb} {len(self.done)} of {len(self.done) + len(self.left)} {kinds} of {model.name!r} "
+                f"and left {len(self.left)} as they are: {left}",
+                stacklevel=3,
+            )
+        elif not self.done:
+            warnings.warn(f"Model {model.name!r} has no {nothing}; returning a copy.", stacklevel=3)
 
 
 class _Converter(_Surgery):
@@ -250,14 +259,7 @@ def fuse_model(model):
     """
     surgery = _Fuser()
     clone = surgery.run(model, "fuse_model")
-    if surgery.left:
-        warnings.warn(
-            f"fuse_model fused {len(surgery.done)} of {len(surgery.done) + len(surgery.left)} DO-Conv layers of "
-            f"{model.name!r} and left {len(surgery.left)} as they are: {surgery.left_text()}",
-            stacklevel=2,
-        )
-    elif not surgery.done:
-        warnings.warn(f"Model {model.name!r} has no DO-Conv layer to fuse; returning a copy.", stacklevel=2)
+    surgery.report("fuse_model", "fused", "DO-Conv layers", model, "DO-Conv layer to fuse")
     return clone
 
 
@@ -309,16 +311,11 @@ def convert_model(model, D_mul: int | Callable[[str, Any], int | None] | None = 
             f"D_mul = K: {', '.join(surgery.raised)}",
             stacklevel=2,
         )
-    if surgery.left:
-        warnings.warn(
-            f"convert_model converted {len(surgery.done)} of {len(surgery.done) + len(surgery.left)} convolution "
-            f"layers of {model.name!r} to DO-Conv and left {len(surgery.left)} as they are: {surgery.left_text()}",
-            stacklevel=2,
-        )
-    elif not surgery.done:
-        warnings.warn(
-            f"Model {model.name!r} has no Conv2D, DepthwiseConv2D or SeparableConv2D layer to convert; "
-            "returning a copy.",
-            stacklevel=2,
-        )
+    surgery.report(
+        "convert_model",
+        "converted",
+        "convolution layers",
+        model,
+        "Conv2D, DepthwiseConv2D or SeparableConv2D layer to convert",
+    )
     return clone
