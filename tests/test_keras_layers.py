@@ -250,3 +250,25 @@ def test_set_params_is_atomic_and_strict(kind):
     # Integers are numbers: converted to the weight's dtype.
     set_params(layer, {**good, "W": np.ones(good["W"].shape, "int64")})
     assert get_params(layer)["W"].dtype == np.float32 and np.all(get_params(layer)["W"] == 1)
+
+
+def test_depthwise_and_separable_keras_file_round_trip(tmp_path):
+    rng = np.random.default_rng(25)
+    model = keras.Sequential(
+        [
+            keras.Input((5, 5, 2)),
+            DODepthwiseConv2D(3, depth_multiplier=2, padding="same", D_mul=10, name="dw"),
+            DOSeparableConv2D(3, 3, name="sep"),
+        ]
+    )
+    for layer in model.layers:
+        randomize(layer, rng)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert [type(layer) for layer in loaded.layers] == [DODepthwiseConv2D, DOSeparableConv2D]
+    for a, b in zip(model.layers, loaded.layers):
+        assert a.get_config() == b.get_config()
+        for name, value in get_params(a).items():
+            np.testing.assert_array_equal(get_params(b)[name], value)
+    x = rng.standard_normal((1, 5, 5, 2)).astype("float32")
+    np.testing.assert_array_equal(to_numpy(loaded(x)), to_numpy(model(x)))
