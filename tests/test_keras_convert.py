@@ -216,6 +216,8 @@ def test_bare_layers_convert_and_fuse():
     mine.build((None, 5, 5, 2))
     with pytest.raises(TypeError, match=r"does not replace layer 'mine' .*SameConv.*subclass of keras.layers.Conv2D"):
         convert_model(mine)
+    with pytest.raises(TypeError, match=r"conv must be a keras.layers.Conv2D \(that class exactly, not a subclass\)"):
+        DOConv2D.from_conv(mine)
     with pytest.raises(TypeError, match="does not replace layer"):
         fuse_model(keras.layers.Dense(2))
 

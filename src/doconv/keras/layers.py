@@ -58,9 +58,13 @@ def _numpy(x) -> np.ndarray:
 
 
 def _check_native(conv, cls, name: str) -> dict:
-    """The config of a built native layer of exactly ``cls``'s family, refusing what from_conv cannot keep."""
-    if not isinstance(conv, cls):
-        raise TypeError(f"{name} must be a keras.layers.{cls.__name__}. Received: {name}={conv!r}")
+    """The config of a built layer of exactly class ``cls``, refusing what from_conv cannot keep."""
+    if type(conv) is not cls:
+        # Exactly: a subclass may compute something else (its own call), which the DO-Conv layer would drop.
+        raise TypeError(
+            f"{name} must be a keras.layers.{cls.__name__} (that class exactly, not a subclass). "
+            f"Received: {name}={conv!r} of class {type(conv).__module__}.{type(conv).__qualname__}"
+        )
     if not conv.built:
         raise ValueError(f"{name} must be built (called on an input) first. Received: {name}={conv.name!r}")
     config = conv.get_config()
@@ -470,7 +474,7 @@ class DOConv2D(_DOConvBase):
             A built ``DOConv2D`` with the conv's name, dtype policy, trainable flag and arguments.
 
         Raises:
-            TypeError: ``conv`` is not a ``Conv2D``.
+            TypeError: ``conv`` is not exactly a ``Conv2D`` (a subclass may compute something else).
             ValueError: ``conv`` is not built, LoRA-enabled or quantized, or D_mul < K.
 
         Example:
@@ -725,7 +729,7 @@ class DODepthwiseConv2D(_DepthwiseBase):
             A built ``DODepthwiseConv2D`` with the conv's name, dtype policy, trainable flag and arguments.
 
         Raises:
-            TypeError: ``conv`` is not a ``DepthwiseConv2D``.
+            TypeError: ``conv`` is not exactly a ``DepthwiseConv2D``.
             ValueError: ``conv`` is not built, or D_mul < K.
 
         Example:
@@ -936,7 +940,7 @@ class DOSeparableConv2D(_DepthwiseBase):
             A built ``DOSeparableConv2D`` with the conv's name, dtype policy, trainable flag and arguments.
 
         Raises:
-            TypeError: ``conv`` is not a ``SeparableConv2D``.
+            TypeError: ``conv`` is not exactly a ``SeparableConv2D``.
             ValueError: ``conv`` is not built, or D_mul < K.
 
         Example:
