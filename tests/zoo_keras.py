@@ -34,7 +34,6 @@ NETWORKS = [
     "ConvNeXtTiny",
     "NASNetMobile",
     "VGG16",
-    "RegNetX002",
 ]
 # Networks whose own input checks want more than the default size.
 MIN_SIZE = {"InceptionV3": 75, "Xception": 71, "NASNetMobile": 224}
