@@ -83,23 +83,30 @@ class KerasAdapter(_Adapter):
                 self.layouts = ("channels_last",)
 
     def build(self, case, layout):
-        layer = self.adapter.DOConv2D(
-            case["out_channels"],
-            case["kernel_size"],
+        C = case["in_channels"]
+        common = dict(
             strides=case["stride"],
             padding="valid" if case["padding"] == 0 else case["padding"],
             data_format=layout,
             dilation_rate=case["dilation"],
-            groups=case["groups"],
             use_bias=case["bias"],
             D_mul=case["D_mul"],
         )
-        C = case["in_channels"]
+        if case.get("depthwise_layer"):
+            layer = self.adapter.DODepthwiseConv2D(
+                case["kernel_size"], depth_multiplier=case["out_channels"] // C, **common
+            )
+        else:
+            layer = self.adapter.DOConv2D(case["out_channels"], case["kernel_size"], groups=case["groups"], **common)
         layer.build((None, None, None, C) if layout == "channels_last" else (None, C, None, None))
         return layer
 
     def fused_kernel(self, layer, layout):
-        return core.kernel_from_keras(self.keras.ops.convert_to_numpy(layer.fuse().kernel))
+        kernel = self.keras.ops.convert_to_numpy(layer.fuse().kernel)
+        if isinstance(layer, self.adapter.DODepthwiseConv2D):
+            # DepthwiseConv2D's (kH, kW, C_in, multiplier) is the grouped (kH, kW, 1, C_out), o = c * multiplier + m.
+            kernel = kernel.reshape(kernel.shape[:2] + (1, -1))
+        return core.kernel_from_keras(kernel)
 
     def forward(self, layer, x, layout):
         if layout == "channels_last":

@@ -47,8 +47,16 @@ def cases() -> list[dict]:
                 dilation=dilation,
                 padding=padding,
                 bias=index % 2 == 0,
+                depthwise_layer=False,
             )
         )
+    # Twins of the depthwise cases (groups = C_in), same parameters: the Keras adapter builds them as
+    # DODepthwiseConv2D, the others as their grouped layer again, so the two meet in every comparison.
+    table += [
+        dict(case, id=case["id"] + "-dwlayer", depthwise_layer=True)
+        for case in table
+        if case["groups"] == case["in_channels"]
+    ]
     return table
 
 

@@ -13,34 +13,13 @@ import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+from keras_support import BACKEND, assert_close32, needs_tensorflow, randomize, run, tensorflow_only, to_numpy  # noqa: E402
 
 import doconv  # noqa: E402
 from doconv import core  # noqa: E402
 from doconv.keras import DOConv2D, convert_model, fuse_model, get_params, set_params  # noqa: E402
 
-BACKEND = keras.backend.backend()
 REPO = str(Path(doconv.__file__).resolve().parents[1])
-tensorflow_only = pytest.mark.tensorflow_only
-needs_tensorflow = pytest.mark.skipif(BACKEND != "tensorflow", reason="needs the tensorflow backend")
-
-
-def assert_close32(actual, expected):
-    """float32 tolerance of DESIGN.md: rtol 1e-5, atol 1e-5 * max|expected|."""
-    expected = np.asarray(expected)
-    np.testing.assert_allclose(np.asarray(actual), expected, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(expected))))
-
-
-def to_numpy(x):
-    return np.asarray(keras.ops.convert_to_numpy(x))
-
-
-def run(layer, x):
-    """layer(x) as NumPy; channels_first convolutions run under XLA on TF's CPU (TF has no NCHW CPU kernel)."""
-    if BACKEND == "tensorflow" and getattr(layer, "data_format", None) == "channels_first":
-        import tensorflow as tf
-
-        return to_numpy(tf.function(layer, jit_compile=True)(x))
-    return to_numpy(layer(x))
 
 
 # Not 9x8: XLA on CPU (TF 2.21) adds a channels_first bias along the wrong axis when the output is
@@ -53,11 +32,7 @@ def random_layer(rng, C_in, C_out, kernel_size, data_format="channels_last", gro
     """A built layer with random W, D (a non-zero offset) and bias, and its canonical parameters."""
     layer = DOConv2D(C_out, kernel_size, data_format=data_format, groups=groups, D_mul=D_mul, **kwargs)
     layer.build(input_shape(data_format, C_in))
-    params = {
-        k: None if v is None else rng.standard_normal(v.shape).astype("float32") for k, v in get_params(layer).items()
-    }
-    set_params(layer, params)
-    return layer, params
+    return layer, randomize(layer, rng)
 
 
 # groups, C_in, C_out, kernel_size, D_mul (None: K; "+2": K+2; "2K"), strides, dilation, padding, data_format, bias
@@ -333,9 +308,12 @@ def test_convert_model_D_mul_int_callable_and_nothing_to_convert():
         converted = convert_model(model, D_mul=4)
     assert conv_names(converted) == {"a": ("DOConv2D", 9), "b": ("DOConv2D", 4), "c": ("DOConv2D", 1)}
     assert_close32(to_numpy(converted(x)), to_numpy(model(x)))
-    picked = convert_model(
-        model, D_mul=lambda name, conv: None if name == "b" else 2 * conv.kernel_size[0] * conv.kernel_size[1]
-    )
+    with pytest.warns(
+        UserWarning, match=r"converted 2 of 3 .* left 1 as they are: b \(keras.layers.Conv2D: D_mul returned None\)"
+    ):
+        picked = convert_model(
+            model, D_mul=lambda name, conv: None if name == "b" else 2 * conv.kernel_size[0] * conv.kernel_size[1]
+        )
     assert conv_names(picked) == {"a": ("DOConv2D", 18), "b": ("Conv2D", None), "c": ("DOConv2D", 1)}
     assert_close32(to_numpy(picked(x)), to_numpy(model(x)))
     with pytest.raises(ValueError, match="Received: D_mul=2"):
@@ -344,11 +322,11 @@ def test_convert_model_D_mul_int_callable_and_nothing_to_convert():
         warnings.simplefilter("error", UserWarning)
         convert_model(model, D_mul=9)  # no layer has K > 9: no warning
     plain = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    with pytest.warns(UserWarning, match="no Conv2D layer to convert"):
+    with pytest.warns(UserWarning, match="no Conv2D, DepthwiseConv2D or SeparableConv2D layer to convert"):
         copy = convert_model(plain)
     assert copy is not plain
     np.testing.assert_array_equal(copy.get_weights()[0], plain.get_weights()[0])
-    with pytest.warns(UserWarning, match="no DOConv2D layer to fuse"):
+    with pytest.warns(UserWarning, match="no DO-Conv layer to fuse"):
         fuse_model(plain)
 
 
@@ -357,7 +335,7 @@ def test_subclassed_models_are_refused():
         def call(self, x):
             return x
 
-    with pytest.raises(TypeError, match="Sequential or a Functional"):
+    with pytest.raises(TypeError, match="subclassed model cannot be cloned"):
         convert_model(Net())
 
 
