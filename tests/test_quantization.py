@@ -256,3 +256,23 @@ def test_bad_arguments_raise_clearly():
         fuse_exported(nn.Sequential())
     with pytest.raises(TypeError, match="Received: graph_module of type ReLU"):
         unquantized_convolutions(nn.ReLU())
+
+
+def test_exported_training_graph_differentiates_like_the_layer():
+    """Under export the fold is plain torch ops (no custom autograd Function): W and D get the eager gradients."""
+    net = qat_net().train()
+    with torch.no_grad():
+        for layer in (net[0], net[3]):
+            layer.D.normal_(0, 0.2)
+    x = torch.rand(4, 1, 8, 8)
+    graph = export_for_qat(copy.deepcopy(net), (x,))
+    assert not [n for n in graph.graph.nodes if "autograd" in str(n.target).lower()]
+    net(x).square().sum().backward()
+    graph(x).square().sum().backward()
+    for layer in ("0", "3", "5"):
+        for name in ("W", "D"):
+            eager = getattr(net.get_submodule(layer), name)
+            if eager is None:
+                continue
+            exported = getattr(graph.get_submodule(layer), name)
+            torch.testing.assert_close(exported.grad, eager.grad, rtol=1e-4, atol=1e-6)

@@ -217,7 +217,8 @@ def main(argv: Optional[list] = None) -> None:
     import torchao
 
     data = digits()
-    print(f"torch {torch.__version__}, torchao {torchao.__version__}; digits 8x8: {len(data[1])} train, {len(data[3])} test")
+    sizes = f"digits 8x8: {len(data[1])} train, {len(data[3])} test"
+    print(f"torch {torch.__version__}, torchao {torchao.__version__}; {sizes}")
     print(f"hyper-parameters (both variants): {dict(HYPER, epochs=args.epochs)}, SGD, cosine schedule")
     print("test accuracy %: float model, its PTQ int8 model, the QAT int8 model (x86 quantizer, default config)")
     print(f"{'seed':>4} {'variant':>8} {'float':>7} {'ptq_int8':>9} {'qat_int8':>9}")

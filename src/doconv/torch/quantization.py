@@ -230,7 +230,9 @@ def fuse_exported(graph_module: GraphModule) -> GraphModule:
         values: dict[Node, Any] = {n: _fetch(graph_module, n.target) for n in sources}
         with torch.no_grad():
             for node in order:
-                values[node] = node.target(*map_arg(node.args, values.__getitem__), **map_arg(node.kwargs, values.__getitem__))
+                values[node] = node.target(
+                    *map_arg(node.args, values.__getitem__), **map_arg(node.kwargs, values.__getitem__)
+                )
         for kernel in kernels:
             name = _free_name(graph_module, layer)
             graph_module.register_parameter(name, nn.Parameter(values[kernel].detach().clone()))
