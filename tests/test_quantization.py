@@ -276,3 +276,18 @@ def test_exported_training_graph_differentiates_like_the_layer():
                 continue
             exported = getattr(graph.get_submodule(layer), name)
             torch.testing.assert_close(exported.grad, eager.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_subclasses_of_doconv_are_marked_too():
+    class Tagged(DOConv2d):  # a local class: the graph records only its name
+        pass
+
+    net = nn.Sequential(Tagged(1, 4, 3), nn.ReLU(), DOConv2d(4, 4, 1))
+    x = torch.rand(2, 1, 8, 8)
+    graph = export_for_qat(net, (x,))
+    marked = [n.meta["source_fn_stack"][-1][1] for n in conv_nodes(graph)]
+    assert marked == [nn.Conv2d, nn.Conv2d]
+    # Without the model, the classes are looked up among the imported modules: DOConv2d is found.
+    unmarked = torch.export.export(net, (x,)).module()
+    assert mark_doconv_convolutions(unmarked) == 1
+    assert mark_doconv_convolutions(torch.export.export(net, (x,)).module(), net) == 2

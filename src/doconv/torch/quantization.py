@@ -25,21 +25,19 @@ This module needs only torch; the quantizer and ``prepare_qat_pt2e``/``convert_p
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Optional
 
 import torch
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
-from .layers import _DOCONV, _NATIVE
+from .layers import _NATIVE, _DOConvNd
 
 nn = torch.nn
 
 # The graph metadata key marking the parameters a DO-Conv kernel is composed from; its value is the layer's name.
 _FOLD_KEY = "doconv_fold"
-
-# Class names as nn_module_stack records them (a type, or its qualified name as a string).
-_NATIVE_OF = {f"{cls.__module__}.{cls.__qualname__}": _NATIVE[rank] for rank, cls in _DOCONV.items()}
 
 _CONVOLUTIONS = {
     torch.ops.aten.conv1d.default,
@@ -52,15 +50,41 @@ _CONVOLUTIONS = {
 }
 
 
-def _doconv_layer(node: Node) -> Optional[tuple[str, type]]:
-    """(name, native conv class) of the DO-Conv layer whose own code produced ``node``, or None."""
+def _class_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _resolve(cls: Any, known: dict[str, type]) -> Optional[type]:
+    """The class an nn_module_stack entry names: a type, or its qualified name as a string (non-strict export).
+
+    ``known`` maps the names of the model's own DO-Conv classes (local classes included) to them; other names
+    are looked up among the imported modules, where the model's classes are, since they ran during export.
+    """
+    if isinstance(cls, type):
+        return cls
+    name = str(cls)
+    if name in known:
+        return known[name]
+    parts = name.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        found = sys.modules.get(".".join(parts[:split]))
+        for part in parts[split:]:
+            found = getattr(found, part, None)
+        if isinstance(found, type):
+            return found
+    return None
+
+
+def _doconv_layer(node: Node, known: dict[str, type]) -> Optional[tuple[str, type]]:
+    """(name, native conv class) of the DO-Conv layer (or subclass) whose own code produced ``node``, or None."""
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return None
     path, cls = list(stack.values())[-1]
-    name = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
-    native = _NATIVE_OF.get(name)
-    return None if native is None else (path, native)
+    cls = _resolve(cls, known)
+    if cls is None or not issubclass(cls, _DOConvNd):
+        return None
+    return path, _NATIVE[cls._rank]
 
 
 def _ancestors(node: Node) -> list[Node]:
@@ -81,7 +105,7 @@ def _ancestors(node: Node) -> list[Node]:
     return order
 
 
-def mark_doconv_convolutions(graph_module: GraphModule) -> int:
+def mark_doconv_convolutions(graph_module: GraphModule, model: Optional[nn.Module] = None) -> int:
     """Record each DO-Conv convolution of an exported graph as the native convolution it replaces; in place.
 
     :func:`export_for_qat` calls it; call it yourself on a graph you exported otherwise. It sets the
@@ -90,6 +114,8 @@ def mark_doconv_convolutions(graph_module: GraphModule) -> int:
 
     Args:
         graph_module: the result of ``torch.export.export(model, args).module()``.
+        model: the exported model. Default None; give it where DO-Conv subclasses are defined inside functions,
+            so that their names (which the graph records as strings) can be told apart.
 
     Returns:
         The number of DO-Conv convolutions marked.
@@ -103,11 +129,14 @@ def mark_doconv_convolutions(graph_module: GraphModule) -> int:
             "mark_doconv_convolutions needs the torch.fx.GraphModule of torch.export.export(model, args).module(). "
             f"Received: graph_module of type {type(graph_module).__name__}"
         )
+    known = (
+        {} if model is None else {_class_name(type(m)): type(m) for m in model.modules() if isinstance(m, _DOConvNd)}
+    )
     marked = 0
     for node in graph_module.graph.nodes:
         if node.op != "call_function" or node.target not in _CONVOLUTIONS:
             continue
-        layer = _doconv_layer(node)
+        layer = _doconv_layer(node, known)
         if layer is None:
             continue
         name, native = layer
@@ -157,7 +186,7 @@ def export_for_qat(model: nn.Module, args: tuple, kwargs: Optional[dict] = None,
     if not isinstance(args, tuple):
         raise TypeError(f"args must be a tuple of example inputs. Received: args of type {type(args).__name__}")
     graph_module = torch.export.export(model, args, kwargs, **export_kwargs).module()
-    mark_doconv_convolutions(graph_module)
+    mark_doconv_convolutions(graph_module, model)
     return graph_module
 
 
