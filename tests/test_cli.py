@@ -368,13 +368,13 @@ def test_info_from_the_repository_root(has_c_compiler):
     kernel_line = next(line for line in stdout.splitlines() if line.startswith("CPU fold kernel"))
     code = "import doconv, doconv._fold_cpu as f; print(doconv.__file__); print(f.kernel is not None)"
     where, used = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True).stdout.split()
-    assert not where.startswith(os.path.join(ROOT, "doconv")), where
+    assert not where.startswith(os.path.join(ROOT, "src")), where  # the installed copy, not the checkout
     assert (": built (_foldkernel" in kernel_line) == (used == "True"), kernel_line
     if used != "True":
         assert "not built:" in kernel_line and not has_c_compiler, kernel_line
         pytest.skip(f"no C compiler here, and the build said so: {kernel_line}")
     if torch is not None:  # the demo's path: doconv.torch folds with the kernel
-        code = "import doconv.torch as t; print(t._foldkernel is not None)"
+        code = "import doconv.torch.folding as t; print(t._foldkernel is not None)"
         proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
         assert proc.stdout.strip() == "True", proc.stderr
 
