@@ -69,15 +69,37 @@ def static_positions(input_shape, kernel_size, strides, dilation_rate, padding, 
     return int(input_shape[0]) * out[0] * out[1]
 
 
+def _patches(x, kernel_size, strides, dilation_rate, padding):
+    """The input's K taps at every output position, ``(N, H_out, W_out, K, C_in)``, from a channels_last ``x``.
+
+    Zero-padded exactly as the convolution pads ('same': TensorFlow's split, core.same_padding), then
+    one strided slice per tap: plain slicing, whose gradient is a pad, on every backend and under XLA
+    (XLA's CPU depthwise convolution with a depth multiplier, the other way to apply D_hat, trains
+    an order of magnitude slower than the fold).
+    """
+    spatial = tuple(int(n) for n in x.shape[1:3])
+    pads = core.padding_pairs(padding, kernel_size, strides, dilation_rate, spatial)
+    H_out, W_out = core.output_shape(spatial, kernel_size, strides, dilation_rate, padding)
+    if any(p for pair in pads for p in pair):
+        x = ops.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),))
+    (kh, kw), (sh, sw), (dh, dw) = kernel_size, strides, dilation_rate
+    taps = [
+        x[:, i * dh : i * dh + (H_out - 1) * sh + 1 : sh, j * dw : j * dw + (W_out - 1) * sw + 1 : sw, :]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    return ops.stack(taps, axis=3)
+
+
 def compose_features(inputs, W, D_hat, groups: int, kernel_size, strides, padding, dilation_rate, data_format):
     """A DOConv2D output (bias and activation aside) by feature composition, in differentiable ``keras.ops``.
 
-    The depthwise step is ``ops.depthwise_conv`` with D_hat's taps as a depth-multiplier-D_mul kernel
-    and the layer's strides, padding and dilation, so it pads exactly as the folded convolution does;
-    W then contracts each group's ``C_in/g · D_mul`` features.
+    ``y[p, o] = sum_{c, s} W[s, c, o] · sum_k D_hat[k, s, i(o, c)] · x_patch[p, k, i(o, c)]``: D_hat
+    applied to the input patches (the depthwise step), then each group's ``C_in/g · D_mul`` features
+    contracted with its columns of W. Exactly the folded convolution, summed in another order.
 
     Args:
-        inputs: ``(N, H, W, C_in)`` or ``(N, C_in, H, W)`` per ``data_format``.
+        inputs: ``(N, H, W, C_in)`` or ``(N, C_in, H, W)`` per ``data_format``, with a static shape.
         W: Keras layout ``(D_mul, C_in/g, filters)``; D_hat: D + I ``(K, D_mul, C_in)``; both in the
             input's dtype.
         groups: number of groups; kernel_size, strides, dilation_rate: pairs; padding: 'same' or 'valid'.
@@ -89,17 +111,14 @@ def compose_features(inputs, W, D_hat, groups: int, kernel_size, strides, paddin
     K, D_mul, C_in = D_hat.shape
     filters = W.shape[2]
     C_in_g = C_in // groups
-    # depthwise_conv's kernel is (M, N, C_in, multiplier); its output channel c·D_mul + s is tap s of channel c.
-    taps = ops.reshape(ops.transpose(D_hat, (0, 2, 1)), tuple(kernel_size) + (C_in, D_mul))
-    features = ops.depthwise_conv(
-        inputs, taps, strides=strides, padding=padding, data_format=data_format, dilation_rate=dilation_rate
-    )
+    channels_first = data_format != core.CHANNELS_LAST
+    # Few positions by construction (that is when this runs): moving the input's axes is cheap.
+    x = ops.transpose(inputs, (0, 2, 3, 1)) if channels_first else inputs
+    patches = _patches(x, kernel_size, strides, dilation_rate, padding)
+    n, h, w = patches.shape[:3]
+    features = ops.einsum("nhwkc,ksc->nhwcs", patches, D_hat)
     # Group gi's columns of W meet the features of its own C_in/g channels (DESIGN.md, i(o, c)).
-    Wg = ops.reshape(W, (D_mul, C_in_g, groups, filters // groups))
-    if data_format == core.CHANNELS_LAST:
-        n, h, w = features.shape[:3]
-        y = ops.einsum("nhwgcs,scgo->nhwgo", ops.reshape(features, (n, h, w, groups, C_in_g, D_mul)), Wg)
-        return ops.reshape(y, (n, h, w, filters))
-    n, h, w = features.shape[0], features.shape[2], features.shape[3]
-    y = ops.einsum("ngcshw,scgo->ngohw", ops.reshape(features, (n, groups, C_in_g, D_mul, h, w)), Wg)
-    return ops.reshape(y, (n, filters, h, w))
+    features = ops.reshape(features, (n, h, w, groups, C_in_g, D_mul))
+    y = ops.einsum("nhwgcs,scgo->nhwgo", features, ops.reshape(W, (D_mul, C_in_g, groups, filters // groups)))
+    y = ops.reshape(y, (n, h, w, filters))
+    return ops.transpose(y, (0, 3, 1, 2)) if channels_first else y
