@@ -270,7 +270,7 @@ def _run_mode(keras, mode: str, args, models, x, y, configured: bool) -> list:
     print(f"{'measure':<48} median ratio  goal")
     goals = GOALS[args.model]
     for name, ratio in results.items():
-        target = goals.get(name.split("  ")[0].strip(), "-")
+        target = "-" if "control" in name else goals.get(name.split("  ")[0].strip(), "-")
         print(f"{name:<48} {ratio:<12.3f}  {goal(target, configured)}")
     step = results["train step          DO-Conv / Conv2D"]
     share = results["fold alone          fold / Conv2D train step"]
