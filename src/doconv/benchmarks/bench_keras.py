@@ -1,11 +1,18 @@
-"""DO-Conv against ``keras.layers.Conv2D`` on a small ResNet-style network, tensorflow backend.
+"""DO-Conv against the native Keras convolutions, tensorflow backend: a small ResNet-style network or a zoo network.
 
-Both networks are built, compiled (XLA, Keras' default) and timed in one process,
-alternating the variants in every repeat; the printed figures are medians of the
-per-repeat ratios (DO-Conv time / Conv2D time). A native-vs-native control beside
-them shows the noise of the machine.
+``--model small`` (the default) is a small ResNet-style network of ``Conv2D`` layers, 32x32;
+``--model resnet50|inceptionv3|mobilenetv2`` is the ``keras.applications`` network (weights=None,
+10 classes) converted by ``doconv.keras.convert_model`` (every Conv2D, DepthwiseConv2D and
+SeparableConv2D). Every variant is built and timed in one process, alternating in every repeat;
+the figures are medians of the per-repeat ratios (DO-Conv time / native time), beside a
+native-vs-native control that shows the noise of the machine. Each table is given twice: Keras'
+default compile (on a CPU-only machine: no XLA) and ``jit_compile=True`` (XLA).
 
-Run: ``python benchmarks/bench_keras.py`` (about a minute on 2 CPU cores) or
+Below each table, where the time goes: the fold alone (every DO-Conv layer's kernel and its
+gradient, nothing else) per training step, as a share of the native step, and how many DO-Conv
+layers compose features instead of folding at this batch and size (``doconv.keras.composition``).
+
+Run: ``python benchmarks/bench_keras.py [--model resnet50]`` or
 ``python -m doconv.benchmarks.bench_keras --quick`` for a seconds-long smoke run.
 """
 
@@ -21,8 +28,16 @@ import numpy as np
 
 from .report import busy_note, goal
 
-DEFAULTS = {"batch": 16, "size": 32}  # the configuration the goals below were set for
-GOALS = {"train step": "<= 1.05", "predict, unfused": "<= 1.05", "predict, fused": "1.00"}
+SMALL = "small"
+# (batch, size) each goal was set for, and the goals (issue 16 for the zoo networks).
+SHAPES = {SMALL: (16, 32), "resnet50": (16, 64), "inceptionv3": (8, 96), "mobilenetv2": (16, 64)}
+GOALS = {
+    SMALL: {"train step": "<= 1.05", "predict, unfused": "<= 1.05", "predict, fused": "1.00"},
+    "resnet50": {"train step": "<= 1.10", "predict, fused": "1.00"},
+    "inceptionv3": {"train step": "<= 1.15", "predict, fused": "1.00"},
+    "mobilenetv2": {"train step": "<= 1.10", "predict, fused": "1.00"},
+}
+APPLICATIONS = {"resnet50": "ResNet50", "inceptionv3": "InceptionV3", "mobilenetv2": "MobileNetV2"}
 
 
 def _keras():
@@ -35,6 +50,13 @@ def _keras():
     if keras.backend.backend() != "tensorflow":
         raise RuntimeError(f"bench_keras needs KERAS_BACKEND=tensorflow. Received: {keras.backend.backend()!r}")
     return keras
+
+
+def zoo_network(keras, model: str, input_size: int, classes: int = 10, seed: int = 0):
+    """The ``keras.applications`` network ``model`` (a key of :data:`APPLICATIONS`), untrained, logits out."""
+    keras.utils.set_random_seed(seed)
+    build = getattr(keras.applications, APPLICATIONS[model])
+    return build(weights=None, input_shape=(input_size, input_size, 3), classes=classes, classifier_activation=None)
 
 
 def resnet_style(keras, input_size: int, widths=(32, 64, 128), classes: int = 10, seed: int = 0):
@@ -96,52 +118,142 @@ def _median_ratios(pairs: dict, repeats: int) -> dict:
     return {name: statistics.median(values) for name, values in ratios.items()}
 
 
+def _do_layers(model):
+    from ..keras.layers import DO_LAYERS
+
+    return [layer for layer in model._flatten_layers() if isinstance(layer, DO_LAYERS)]
+
+
+def _composes(keras, layer, batch: int) -> bool:
+    """Whether a DO-Conv layer of a built Functional model composes features in a training step of ``batch``."""
+    from ..keras import DOConv2D
+
+    if not isinstance(layer, DOConv2D):
+        return False  # the depthwise layers always fold
+    return layer._composes_features(keras.KerasTensor((batch,) + tuple(layer.input.shape[1:])), True)
+
+
+def _fold_step(keras, model, batch: int, jit: bool):
+    """The fold's part of a training step: each folding layer's kernel and its gradient w.r.t. W and D.
+
+    Returns:
+        (the step as a tf.function, the number of folding layers, the number composing features).
+    """
+    import tensorflow as tf
+
+    from ..keras import DOConv2D
+
+    with_D = [layer for layer in _do_layers(model) if layer.D is not None]
+    folding = [layer for layer in with_D if not _composes(keras, layer, batch)]
+    weights = [v.value for layer in folding for v in (layer.W, layer.D)]
+
+    def kernel(layer):
+        return layer._fold() if isinstance(layer, DOConv2D) else layer._fold_depthwise()
+
+    @tf.function(jit_compile=jit)
+    def fold():
+        with tf.GradientTape() as tape:
+            # A sum of the kernels: the gradient reaching each kernel is ones, as cheap as any.
+            total = tf.add_n([tf.reduce_sum(kernel(layer)) for layer in folding])
+        return tape.gradient(total, weights)
+
+    return fold, len(folding), len(with_D) - len(folding)
+
+
 def main(argv=None) -> int:
-    """Print DO-Conv / Conv2D time ratios for training and inference.
+    """Print DO-Conv / native time ratios for training and inference, default compile and XLA.
 
     Args:
-        argv: command-line arguments (default ``sys.argv[1:]``): ``--batch``, ``--size``,
-            ``--steps`` (calls per timing), ``--repeats``, ``--quick``.
+        argv: command-line arguments (default ``sys.argv[1:]``): ``--model``, ``--batch``, ``--size``,
+            ``--steps`` (calls per timing), ``--repeats``, ``--quick``, ``--no-features``.
 
     Returns:
         0.
 
     Example:
-        ``python -m doconv.benchmarks.bench_keras --quick`` prints a table such as::
+        ``python -m doconv.benchmarks.bench_keras --quick`` prints tables such as::
 
-            DO-Conv vs keras Conv2D, ResNet-style net, batch 8, 16x16, ...
+            DO-Conv vs keras Conv2D, ResNet-style net (small), batch 4, 16x16, ...
+            compile: default (no XLA on this CPU)
             train step          DO-Conv / Conv2D             1.0...    -
     """
     parser = argparse.ArgumentParser(prog="bench_keras", description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=DEFAULTS["batch"])
-    parser.add_argument("--size", type=int, default=DEFAULTS["size"])
+    parser.add_argument("--model", choices=sorted(SHAPES), default=SMALL)
+    parser.add_argument("--batch", type=int, default=None, help="default: the goals' batch for --model")
+    parser.add_argument("--size", type=int, default=None, help="default: the goals' image size for --model")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=21)
-    parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
+    parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (small sizes, no goals)")
+    parser.add_argument(
+        "--no-features", action="store_true", help="fold in every layer (doconv.keras.use_feature_composition(False))"
+    )
+    parser.add_argument("--modes", default="default,xla", help="comma-separated: default, xla")
     args = parser.parse_args(argv)
+    batch, size = SHAPES[args.model]
+    args.batch = batch if args.batch is None else args.batch
+    args.size = size if args.size is None else args.size
     if args.quick:
-        args.batch, args.size, args.steps, args.repeats = 4, 16, 1, 3
+        args.batch, args.steps, args.repeats = 4, 1, 3
+        args.size = 16 if args.model == SMALL else 75  # 75: InceptionV3's smallest input
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = sorted(set(modes) - {"default", "xla"})
+    if unknown or not modes:
+        parser.error(f"--modes takes 'default' and/or 'xla'. Received: --modes={args.modes!r}")
 
     keras = _keras()
-    from ..keras import convert_model, fuse_model
+    from ..keras import convert_model, fuse_model, use_feature_composition
 
-    native = resnet_style(keras, args.size)
+    use_feature_composition(not args.no_features)
+    if args.model == SMALL:
+        native, title = resnet_style(keras, args.size), "ResNet-style net (small)"
+    else:
+        native, title = zoo_network(keras, args.model, args.size), f"keras.applications.{APPLICATIONS[args.model]}"
     control = keras.models.clone_model(native)
     doconv = convert_model(native)
     fused = fuse_model(doconv)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.batch, args.size, args.size, 3)).astype("float32")
     y = rng.integers(0, 10, args.batch)
+    params = {name: model.count_params() for name, model in (("native", native), ("doconv", doconv), ("fused", fused))}
+    _, folding, composing = _fold_step(keras, doconv, args.batch, False)
+    print(
+        f"DO-Conv vs keras native convolutions, {title}, batch {args.batch}, {args.size}x{args.size}, "
+        f"{args.steps} calls x {args.repeats} repeats, keras {keras.__version__}, backend tensorflow"
+    )
+    print(f"parameters: native {params['native']}, DO-Conv {params['doconv']}, fused {params['fused']}")
+    print(
+        f"feature composition: {'off' if args.no_features else 'on'}; in a training step at this batch and size "
+        f"{composing} DO-Conv layers compose features, {folding} fold (every depthwise layer folds)"
+    )
+    configured = not args.quick and (args.batch, args.size) == SHAPES[args.model]
+    controls = []
+    for mode in modes:
+        controls += _run_mode(keras, mode, args, (native, control, doconv, fused), x, y, configured)
+    note = busy_note(controls)
+    if note:
+        print(note)
+    return 0
+
+
+def _run_mode(keras, mode: str, args, models, x, y, configured: bool) -> list:
+    """Compile every variant for ``mode``, time them alternately, print the table; returns the controls."""
+    jit = mode == "xla"
     train, predict = {}, {}
-    for name, model in (("native", native), ("control", control), ("doconv", doconv), ("fused", fused)):
-        model.compile(optimizer=keras.optimizers.SGD(0.01), loss=keras.losses.SparseCategoricalCrossentropy(True))
+    for name, model in zip(("native", "control", "doconv", "fused"), models):
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.01),
+            loss=keras.losses.SparseCategoricalCrossentropy(True),
+            jit_compile=jit,
+        )
         for _ in range(2):  # compile and warm up
             model.predict_on_batch(x)
             if name != "fused":
                 model.train_on_batch(x, y)
         train[name] = _timer(lambda m=model: m.train_on_batch(x, y), args.steps)
         predict[name] = _timer(lambda m=model: m.predict_on_batch(x), args.steps)
-
+    fold, folded_layers, _ = _fold_step(keras, models[2], args.batch, jit)
+    fold()
+    fold_timer = _timer(fold, args.steps)
     results = _median_ratios(
         {
             "train step          DO-Conv / Conv2D": (train["doconv"], train["native"]),
@@ -149,24 +261,26 @@ def main(argv=None) -> int:
             "predict, unfused    DO-Conv / Conv2D": (predict["doconv"], predict["native"]),
             "predict, fused      fused / Conv2D": (predict["fused"], predict["native"]),
             "predict             Conv2D / Conv2D (control)": (predict["control"], predict["native"]),
+            "fold alone          fold / Conv2D train step": (fold_timer, train["native"]),
         },
         args.repeats,
     )
-    params = {name: model.count_params() for name, model in (("native", native), ("doconv", doconv), ("fused", fused))}
-    print(
-        f"DO-Conv vs keras Conv2D, ResNet-style net, batch {args.batch}, {args.size}x{args.size}, "
-        f"{args.steps} calls x {args.repeats} repeats, keras {keras.__version__}, backend tensorflow"
-    )
-    print(f"parameters: Conv2D {params['native']}, DO-Conv {params['doconv']}, fused {params['fused']}")
-    configured = not args.quick and all(getattr(args, key) == value for key, value in DEFAULTS.items())
+    compile_name = "jit_compile=True (XLA)" if jit else "default (jit_compile='auto': no XLA on a CPU-only machine)"
+    print(f"\ncompile: {compile_name}")
     print(f"{'measure':<48} median ratio  goal")
+    goals = GOALS[args.model]
     for name, ratio in results.items():
-        target = "-" if "control" in name else GOALS[name.split("  ")[0].strip()]
+        target = "-" if "control" in name else goals.get(name.split("  ")[0].strip(), "-")
         print(f"{name:<48} {ratio:<12.3f}  {goal(target, configured)}")
-    note = busy_note(ratio for name, ratio in results.items() if "control" in name)
-    if note:
-        print(note)
-    return 0
+    step = results["train step          DO-Conv / Conv2D"]
+    share = results["fold alone          fold / Conv2D train step"]
+    if step > 1.01:
+        print(
+            f"where the time goes: DO-Conv's train step costs {step - 1:.3f} of a native step more; the fold of its "
+            f"{folded_layers} folding layers (forward and backward, alone) costs {share:.3f} of a native step, "
+            f"{min(share / (step - 1), 9.99):.0%} of the difference"
+        )
+    return [ratio for name, ratio in results.items() if "control" in name]
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ with ``keras.ops`` on every call and runs the native layer's op, so it works on 
 jax and torch backends. The maths, argument checks and layout conversions live in
 :mod:`doconv.core`; this package creates weights and calls Keras ops (``layers``), moves
 parameters in the canonical layout (``params``) and converts whole models (``convert``).
+In training, ``DOConv2D`` composes features instead of folding where a batch has few output
+positions (``composition``; :func:`use_feature_composition` turns that off).
 
 Example:
     >>> import numpy as np
@@ -17,6 +19,7 @@ Example:
     ((9, 4, 8), (9, 9, 4))
 """
 
+from .composition import feature_composition_in_use, use_feature_composition
 from .convert import convert_model, fuse_model
 from .layers import DOConv2D, DODepthwiseConv2D, DOSeparableConv2D
 from .params import get_params, set_params
@@ -26,7 +29,9 @@ __all__ = [
     "DODepthwiseConv2D",
     "DOSeparableConv2D",
     "convert_model",
+    "feature_composition_in_use",
     "fuse_model",
     "get_params",
     "set_params",
+    "use_feature_composition",
 ]

@@ -13,6 +13,7 @@ import numpy as np
 
 from .. import core
 from .._optional import require
+from . import composition
 
 keras = require("keras", "doconv.keras", "keras", "Keras 3")
 ops = keras.ops
@@ -401,8 +402,41 @@ class DOConv2D(_DOConvBase):
         self._check_built()
         return self._fold()
 
-    def call(self, inputs):
-        """Fold W and D, convolve, add the bias and apply the activation."""
+    def _composes_features(self, inputs, training) -> bool:
+        """True where this training call is cheaper by feature composition (doconv.keras.composition).
+
+        Only with ``training=True`` (what ``fit`` and ``train_on_batch`` pass), trainable W or D, the
+        variable dtype as compute dtype, and a static input shape whose batch and spatial sizes are
+        known: the choice is made once per trace, from ``core.training_composition``; an unknown
+        size folds.
+        """
+        if not training or self.D is None or not composition.feature_composition_in_use():
+            return False
+        if not (self.W.trainable or self.D.trainable) or self.compute_dtype != self.W.dtype:
+            return False
+        positions = composition.static_positions(
+            tuple(inputs.shape), self.kernel_size, self.strides, self.dilation_rate, self.padding, self.data_format
+        )
+        if positions is None:
+            return False
+        choice = core.training_composition(positions, self.in_channels, self.filters, self.groups, self.K, self.D_mul)
+        return choice == "feature"
+
+    def call(self, inputs, training=None):
+        """Fold W and D and convolve (or compose features, see above); add the bias, apply the activation."""
+        if self._composes_features(inputs, training):
+            outputs = composition.compose_features(
+                inputs,
+                ops.convert_to_tensor(self.W),
+                self._D_hat(self.W.dtype),
+                self.groups,
+                self.kernel_size,
+                self.strides,
+                self.padding,
+                self.dilation_rate,
+                self.data_format,
+            )
+            return self._finish(outputs)
         kernel = ops.cast(self._fold(), self.compute_dtype)
         outputs = ops.conv(
             inputs,

@@ -1,0 +1,124 @@
+"""Feature composition for the Keras layers: D + I applied to the input patches, then W, in ``keras.ops``.
+
+Folding costs the same whatever the batch and image size; feature composition costs in proportion to
+the output positions (docs/maths.rst). Where a training batch has far fewer positions than the kernel
+has entries (a ResNet's last stages on small images), applying D_hat as a depthwise convolution and W
+as a 1x1 product skips the fold and its gradient. ``core.training_composition`` picks the order; both
+give the same outputs and gradients up to rounding.
+"""
+
+from __future__ import annotations
+
+from .. import core
+from .._optional import require
+
+keras = require("keras", "doconv.keras", "keras", "Keras 3")
+ops = keras.ops
+
+_FEATURES = True
+
+
+def use_feature_composition(enabled: bool) -> bool:
+    """Let DOConv2D train by feature composition where it is the cheaper order (the default).
+
+    Turn it off to fold in every training step, e.g. to compare the two orders. A model traced
+    (``tf.function``, ``jax.jit``) before the switch keeps the order it was traced with until it is
+    traced again (``model.compile`` again, or a new input shape).
+
+    Args:
+        enabled: True (the default setting) or False.
+
+    Returns:
+        The new setting.
+
+    Raises:
+        TypeError: ``enabled`` is not a bool.
+
+    Example:
+        >>> use_feature_composition(False)
+        False
+        >>> use_feature_composition(True)
+        True
+    """
+    global _FEATURES
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be True or False. Received: enabled={enabled!r}")
+    _FEATURES = enabled
+    return _FEATURES
+
+
+def feature_composition_in_use() -> bool:
+    """The current setting of :func:`use_feature_composition`."""
+    return _FEATURES
+
+
+def static_positions(input_shape, kernel_size, strides, dilation_rate, padding, data_format) -> int | None:
+    """Output positions of the whole batch (batch x output pixels), or None where the static shape lacks one.
+
+    A symbolic input with an unknown batch or spatial size (a Functional model's ``Input``, a
+    ``tf.function`` traced with a relaxed shape) gives None: the layer then folds, whose cost does
+    not depend on the input.
+    """
+    spatial = input_shape[1:3] if data_format == core.CHANNELS_LAST else input_shape[2:4]
+    if input_shape[0] is None or any(n is None for n in spatial):
+        return None
+    try:
+        out = core.output_shape(tuple(int(n) for n in spatial), kernel_size, strides, dilation_rate, padding)
+    except ValueError:
+        return None  # smaller than the kernel: the native convolution says so
+    return int(input_shape[0]) * out[0] * out[1]
+
+
+def _patches(x, kernel_size, strides, dilation_rate, padding):
+    """The input's K taps at every output position, ``(N, H_out, W_out, K, C_in)``, from a channels_last ``x``.
+
+    Zero-padded exactly as the convolution pads ('same': TensorFlow's split, core.same_padding), then
+    one strided slice per tap: plain slicing, whose gradient is a pad, on every backend and under XLA
+    (XLA's CPU depthwise convolution with a depth multiplier, the other way to apply D_hat, trains
+    an order of magnitude slower than the fold).
+    """
+    spatial = tuple(int(n) for n in x.shape[1:3])
+    pads = core.padding_pairs(padding, kernel_size, strides, dilation_rate, spatial)
+    H_out, W_out = core.output_shape(spatial, kernel_size, strides, dilation_rate, padding)
+    if any(p for pair in pads for p in pair):
+        x = ops.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),))
+    (kh, kw), (sh, sw), (dh, dw) = kernel_size, strides, dilation_rate
+    taps = [
+        x[:, i * dh : i * dh + (H_out - 1) * sh + 1 : sh, j * dw : j * dw + (W_out - 1) * sw + 1 : sw, :]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    return ops.stack(taps, axis=3)
+
+
+def compose_features(inputs, W, D_hat, groups: int, kernel_size, strides, padding, dilation_rate, data_format):
+    """A DOConv2D output (bias and activation aside) by feature composition, in differentiable ``keras.ops``.
+
+    ``y[p, o] = sum_{c, s} W[s, c, o] · sum_k D_hat[k, s, i(o, c)] · x_patch[p, k, i(o, c)]``: D_hat
+    applied to the input patches (the depthwise step), then each group's ``C_in/g · D_mul`` features
+    contracted with its columns of W. Exactly the folded convolution, summed in another order.
+
+    Args:
+        inputs: ``(N, H, W, C_in)`` or ``(N, C_in, H, W)`` per ``data_format``, with a static shape.
+        W: Keras layout ``(D_mul, C_in/g, filters)``; D_hat: D + I ``(K, D_mul, C_in)``; both in the
+            input's dtype.
+        groups: number of groups; kernel_size, strides, dilation_rate: pairs; padding: 'same' or 'valid'.
+        data_format: ``'channels_last'`` or ``'channels_first'``.
+
+    Returns:
+        ``(N, H_out, W_out, filters)`` or ``(N, filters, H_out, W_out)``.
+    """
+    K, D_mul, C_in = D_hat.shape
+    filters = W.shape[2]
+    C_in_g = C_in // groups
+    channels_first = data_format != core.CHANNELS_LAST
+    # Few positions by construction (that is when this runs): moving the input's axes is cheap.
+    x = ops.transpose(inputs, (0, 2, 3, 1)) if channels_first else inputs
+    patches = _patches(x, kernel_size, strides, dilation_rate, padding)
+    n, h, w = patches.shape[:3]
+    features = ops.einsum("nhwkc,ksc->nhwcs", patches, D_hat)
+    # Group gi's columns of W meet the features of its own C_in/g channels (DESIGN.md, i(o, c)).
+    features = ops.reshape(features, (n, h, w, groups, C_in_g, D_mul))
+    y = ops.einsum("nhwgcs,scgo->nhwgo", features, ops.reshape(W, (D_mul, C_in_g, groups, filters // groups)))
+    y = ops.reshape(y, (n, h, w, filters))
+    return ops.transpose(y, (0, 3, 1, 2)) if channels_first else y
