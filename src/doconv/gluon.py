@@ -199,7 +199,7 @@ class _FoldProp(mx.operator.CustomOpProp):
 # graphs): hybridized layers fold, unless `plan_compositions(net, example)` has fixed each layer's
 # order from the shapes that example gives it. `use_feature_composition(False)` folds everywhere.
 
-_FEATURES = True
+_FEATURES = core.Switch()  # use_feature_composition's setting
 
 
 def use_feature_composition(enabled: bool) -> bool:
@@ -224,16 +224,12 @@ def use_feature_composition(enabled: bool) -> bool:
         >>> use_feature_composition(True)
         True
     """
-    global _FEATURES
-    if not isinstance(enabled, bool):
-        raise TypeError(f"enabled must be True or False. Received: enabled={enabled!r}")
-    _FEATURES = enabled
-    return _FEATURES
+    return _FEATURES.set(enabled)
 
 
 def feature_composition_in_use() -> bool:
     """The current setting of :func:`use_feature_composition`."""
-    return _FEATURES
+    return bool(_FEATURES)
 
 
 def plan_compositions(net, *inputs) -> dict:

@@ -45,6 +45,7 @@ from .layouts import (
 )
 from .maths import (
     FEATURE_COMPOSITION_MARGIN,
+    Switch,
     composition_macs,
     embed_kernel,
     fold,
@@ -60,6 +61,7 @@ __all__ = [
     "CHANNELS_LAST",
     "FEATURE_COMPOSITION_MARGIN",
     "PADDING_MODES",
+    "Switch",
     "D_from_keras",
     "D_to_keras",
     "W_from_keras",

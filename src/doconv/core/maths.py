@@ -231,3 +231,38 @@ def training_composition(positions: int, in_channels: int, out_channels: int, gr
         return "kernel"
     kernel, feature = composition_macs(positions, in_channels, out_channels, groups, K, D_mul)
     return "feature" if FEATURE_COMPOSITION_MARGIN * feature <= kernel else "kernel"
+
+
+class Switch:
+    """A process-wide on/off setting, such as each adapter's ``use_feature_composition``.
+
+    One type check and one value, so that every adapter's switch refuses the same inputs with the
+    same message. Truthy while on.
+
+    Args:
+        value: the initial setting. Default True.
+
+    Example:
+        >>> features = Switch()
+        >>> features.set(False), bool(features)
+        (False, False)
+        >>> features.set(1)
+        Traceback (most recent call last):
+        ...
+        TypeError: enabled must be True or False. Received: enabled=1
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: bool = True) -> None:
+        self.value = value
+
+    def set(self, enabled: bool) -> bool:
+        """Set the switch to ``enabled`` (a bool) and return the new setting."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be True or False. Received: enabled={enabled!r}")
+        self.value = enabled
+        return enabled
+
+    def __bool__(self) -> bool:
+        return self.value

@@ -15,7 +15,7 @@ from .._optional import require
 keras = require("keras", "doconv.keras", "keras", "Keras 3")
 ops = keras.ops
 
-_FEATURES = True
+_FEATURES = core.Switch()  # use_feature_composition's setting
 
 
 def use_feature_composition(enabled: bool) -> bool:
@@ -40,16 +40,12 @@ def use_feature_composition(enabled: bool) -> bool:
         >>> use_feature_composition(True)
         True
     """
-    global _FEATURES
-    if not isinstance(enabled, bool):
-        raise TypeError(f"enabled must be True or False. Received: enabled={enabled!r}")
-    _FEATURES = enabled
-    return _FEATURES
+    return _FEATURES.set(enabled)
 
 
 def feature_composition_in_use() -> bool:
     """The current setting of :func:`use_feature_composition`."""
-    return _FEATURES
+    return bool(_FEATURES)
 
 
 def static_positions(input_shape, kernel_size, strides, dilation_rate, padding, data_format) -> int | None:

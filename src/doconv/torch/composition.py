@@ -23,7 +23,7 @@ Tensor = torch.Tensor
 # autocast, scripting, tracing and torch.compile fold (`fold` above). `use_feature_composition(False)`
 # folds everywhere.
 
-_FEATURES = True
+_FEATURES = core.Switch()  # use_feature_composition's setting
 
 
 def use_feature_composition(enabled: bool) -> bool:
@@ -47,16 +47,12 @@ def use_feature_composition(enabled: bool) -> bool:
         >>> use_feature_composition(True)
         True
     """
-    global _FEATURES
-    if not isinstance(enabled, bool):
-        raise TypeError(f"enabled must be True or False. Received: enabled={enabled!r}")
-    _FEATURES = enabled
-    return _FEATURES
+    return _FEATURES.set(enabled)
 
 
 def feature_composition_in_use() -> bool:
     """The current setting of :func:`use_feature_composition`."""
-    return _FEATURES
+    return bool(_FEATURES)
 
 
 def compose_features(
