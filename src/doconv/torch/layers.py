@@ -200,6 +200,11 @@ class _DOConvNd(nn.Module):
     def _fold_eager(self) -> Tensor:
         """The fold in eager mode from W and D as they are now: the CPU fast path where it applies."""
         self._check_parameters()
+        return self._fold_checked()
+
+    @torch.jit.unused
+    def _fold_checked(self) -> Tensor:
+        """:meth:`_fold_eager` for a caller that has just run :meth:`_check_parameters` (the forward)."""
         if self.D is None or self.identity is None:
             return self._fold()
         return _fold_fast(self.W, self.D, self.identity, self.groups, self._kernel_shape)
@@ -207,14 +212,15 @@ class _DOConvNd(nn.Module):
     @torch.jit.unused
     def _kernel_eager(self) -> Tensor:
         """The kernel for an eager forward: from an open :func:`~doconv.torch.cached_kernels` block
-        when no gradient is needed, else folded now."""
+        when no gradient is needed, else folded now. Only :meth:`_forward_eager` calls it, after
+        checking the parameters' shapes, so the fold does not check them again."""
         if self.D is None:  # 1x1: W is the kernel, nothing to fold or cache
-            return self._fold_eager()
+            return self._fold_checked()
         if not (torch.is_grad_enabled() and (self.W.requires_grad or self.D.requires_grad)):
-            kernel = cached_kernel(self, self._fold_eager)
+            kernel = cached_kernel(self, self._fold_checked)
             if kernel is not None:
                 return kernel
-        return self._fold_eager()
+        return self._fold_checked()
 
     def _kernel(self) -> Tensor:
         if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
