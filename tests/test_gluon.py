@@ -28,7 +28,7 @@ def fold_impl(request):
     if request.param == "kernel" and _fold_cpu.kernel is None:
         pytest.skip("doconv._foldkernel was not built here")
     was = fold_kernel_in_use()
-    use_fold_kernel(request.param == "kernel")
+    use_fold_kernel(request.param == "kernel", min_macs=0)  # every layer, however small, on the kernel
     yield request.param
     use_fold_kernel(was)
 
@@ -268,7 +268,7 @@ def test_fold_kernel_equals_mxnet_ops_values_and_gradients(dtype, hybridize, C_i
     was = fold_kernel_in_use()
     try:
         for impl in ("kernel", "mxnet ops"):
-            use_fold_kernel(impl == "kernel")
+            use_fold_kernel(impl == "kernel", min_macs=0)
             layer = DOConv2D(C_out, kernel_size, groups=groups, in_channels=C_in, D_mul=D_mul)
             layer.initialize()
             layer.cast(dtype)
@@ -310,7 +310,7 @@ def test_fold_kernel_trains_large_kernels_and_depth_multipliers(kernel_size, D_m
     was = fold_kernel_in_use()
     try:
         for impl in ("kernel", "mxnet ops"):
-            use_fold_kernel(impl == "kernel")
+            use_fold_kernel(impl == "kernel", min_macs=0)
             layer = DOConv2D(2, kernel_size, in_channels=1, D_mul=D_mul)
             layer.initialize()
             random_params(layer, np.random.default_rng(6), scale=0.1)
@@ -835,6 +835,55 @@ def test_benchmark_quick_prints_a_table(capsys):
     assert bench_gluon.main(["--quick", "--mxnet-ops"]) == 0
     assert "fold: MXNet ops" in capsys.readouterr().out
     assert fold_kernel_in_use() == was  # the setting is restored
+    if _fold_cpu.kernel is not None:
+        assert bench_gluon.main(["--fold-sizes", "--quick", "--repeats", "1"]) == 0
+        rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 32 -> 32, 32 |")]
+        assert len(rows) == 1 and rows[0].count("|") == 6
+        assert fold_kernel_in_use() == was
+
+
+def exported_graph(layer, C_in, tmp_path) -> str:
+    layer.initialize()
+    layer.hybridize()
+    layer(nd.ones((1, C_in, 5, 5)))
+    layer.export(str(tmp_path / "layer"))
+    return (tmp_path / "layer-symbol.json").read_text()
+
+
+def test_small_layers_fold_with_mxnet_ops_large_ones_with_the_kernel(tmp_path):
+    """By default only a fold of at least KERNEL_MIN_MACS multiply-adds goes through the custom
+    operator (its fixed cost per call exceeds a small layer's fold); min_macs=0 sends every layer."""
+    if _fold_cpu.kernel is None:
+        pytest.skip("doconv._foldkernel was not built here")
+    from doconv.gluon import KERNEL_MIN_MACS
+
+    small, large = (8, 8, 1), (128, 128, 1)  # (C_in, channels, groups): 8*8*81 and 128*128*81 MACs
+    assert small[1] * small[0] * 81 < KERNEL_MIN_MACS <= large[1] * large[0] * 81
+    was = fold_kernel_in_use()
+    try:
+        use_fold_kernel(True)
+        for (C_in, C_out, groups), expected in ((small, False), (large, True), ((192, 192, 192), False)):
+            graph = exported_graph(DOConv2D(C_out, 3, in_channels=C_in, groups=groups), C_in, tmp_path)
+            assert ("doconv_fold" in graph) is expected, (C_in, C_out, groups)
+        use_fold_kernel(True, min_macs=0)
+        assert "doconv_fold" in exported_graph(DOConv2D(8, 3, in_channels=8), 8, tmp_path)
+    finally:
+        use_fold_kernel(was)
+
+
+@pytest.mark.parametrize(
+    "min_macs,error,message",
+    [
+        (-1, ValueError, "min_macs must be >= 0. Received: min_macs=-1"),
+        (2.5, TypeError, "min_macs=2.5 of type float"),
+        (True, TypeError, "min_macs=True of type bool"),
+    ],
+)
+def test_use_fold_kernel_refuses_a_bad_min_macs_and_keeps_the_setting(min_macs, error, message):
+    was = fold_kernel_in_use()
+    with pytest.raises(error, match=message):
+        use_fold_kernel(not was, min_macs=min_macs)
+    assert fold_kernel_in_use() is was
 
 
 def test_use_fold_kernel_switches_and_reports():

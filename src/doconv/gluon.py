@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import json
+import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -71,24 +72,51 @@ _RANK = 2
 # `use_fold_kernel(False)` folds with MXNet ops instead.
 
 _USE_KERNEL = _fold_cpu.kernel is not None
+# Layers below this many multiply-adds in their fold (C_out * C_in/g * K * D_mul) fold with MXNet's
+# ops even where the kernel is in use: a custom operator costs a fixed time per call (MXNet hands it
+# to the operator's own thread and back, then its Python runs), about 0.3 ms per pass on one core,
+# more than MXNet's batched product takes for a small layer: depthwise layers, and dense ones up to
+# 64 -> 64 channels at 3x3. `python -m doconv.benchmarks.bench_gluon --fold-sizes` measures both
+# ways per layer size.
+KERNEL_MIN_MACS = 1 << 19
+_MIN_MACS = KERNEL_MIN_MACS
 _ITEM = {np.dtype(np.float32): ctypes.c_float, np.dtype(np.float64): ctypes.c_double}
 
 
-def use_fold_kernel(enabled: bool = True) -> bool:
+def use_fold_kernel(enabled: bool = True, *, min_macs: int = KERNEL_MIN_MACS) -> bool:
     """Choose how DOConv2D layers fold on CPU from their next trace or call on.
 
     Args:
         enabled: True (the default where the extension was built): doconv's compiled kernel, in the
-            custom operator "doconv_fold". False: MXNet's own ops, slower in training, and an
-            exported unfused network holds only MXNet operators.
+            custom operator "doconv_fold", for every layer of at least ``min_macs``. False: MXNet's
+            own ops everywhere, slower in training, and an exported unfused network holds only MXNet
+            operators.
+        min_macs: the smallest fold (C_out * C_in/g * K * D_mul multiply-adds) that takes the kernel;
+            smaller layers fold with MXNet's ops, which cost less there. 0: every layer takes the
+            kernel. Default :data:`KERNEL_MIN_MACS` (2**19).
 
     Returns:
         Whether the compiled kernel is now in use (False where it was not built).
 
+    Raises:
+        TypeError: ``min_macs`` is not an int.
+        ValueError: ``min_macs`` is negative.
+
     Layers that were already hybridized keep the graph they traced: call ``hybridize()`` again.
+
+    Example:
+        >>> was = fold_kernel_in_use()
+        >>> use_fold_kernel(False)
+        False
+        >>> _ = use_fold_kernel(was)
     """
-    global _USE_KERNEL
+    global _USE_KERNEL, _MIN_MACS
+    if isinstance(min_macs, bool) or not isinstance(min_macs, int):
+        raise TypeError(f"min_macs must be an int. Received: min_macs={min_macs!r} of type {type(min_macs).__name__}")
+    if min_macs < 0:
+        raise ValueError(f"min_macs must be >= 0. Received: min_macs={min_macs}")
     _USE_KERNEL = bool(enabled) and _fold_cpu.kernel is not None
+    _MIN_MACS = min_macs
     return _USE_KERNEL
 
 
@@ -519,8 +547,12 @@ class DOConv2D(gluon.HybridBlock):
         self._set_in_channels(x.shape)
 
     def _fold_with_kernel(self) -> bool:
-        """True when the fold runs in doconv's compiled kernel: enabled, and every context a CPU."""
+        """True when the fold runs in doconv's compiled kernel: enabled, a fold of at least the
+        ``min_macs`` of :func:`use_fold_kernel`, and every context a CPU."""
         if not _USE_KERNEL:
+            return False
+        macs = math.prod(self.W.shape) * self._K  # 0 while C_in is deferred: size unknown, the kernel
+        if 0 < macs < _MIN_MACS:
             return False
         try:
             contexts = self.W.list_ctx()

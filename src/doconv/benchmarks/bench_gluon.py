@@ -57,6 +57,11 @@ def _parse(argv):
     parser.add_argument(
         "--mxnet-ops", action="store_true", help="fold with MXNet's own operators instead of doconv's C kernel"
     )
+    parser.add_argument(
+        "--fold-sizes",
+        action="store_true",
+        help="only time one layer's fold and its backward, custom operator vs MXNet ops, per layer size",
+    )
     args = parser.parse_args(argv)
     batch, size = MODELS.get(args.model, DEFAULT_SHAPE)
     args.batch = batch if args.batch is None else args.batch
@@ -154,6 +159,64 @@ def _fold_timer(net):
     return step, len(layers)
 
 
+# (in_channels, channels, groups) of 3x3 layers: depthwise ones as in MobileNetV2, then dense ones.
+FOLD_SIZES = [(32, 32, 32), (192, 192, 192), (960, 960, 960), (32, 32, 1), (64, 64, 1), (128, 128, 1), (256, 256, 1)]
+
+
+def fold_sizes(repeats: int, quick: bool = False) -> list[tuple]:
+    """One hybridized 3x3 layer's fold and backward, with the custom operator and with MXNet's ops.
+
+    Returns:
+        Rows ``(in_channels, channels, groups, fold multiply-adds, kernel ms, MXNet ops ms, ratio)``;
+        the two ways alternate in every repeat, the figures are medians (ratio: kernel / MXNet ops).
+    """
+    import mxnet as mx
+    from mxnet import autograd, gluon
+
+    from doconv.gluon import DOConv2D, fold_kernel_in_use, use_fold_kernel
+
+    class Fold(gluon.HybridBlock):
+        def __init__(self, layer, **kwargs):
+            super().__init__(**kwargs)
+            self.fold = layer._kernel  # a bound method, not a child: W and D come in as inputs
+
+        def hybrid_forward(self, F, W, D):
+            return self.fold(F, W, D)
+
+    rows, was = [], fold_kernel_in_use()
+    try:
+        for C_in, C_out, groups in FOLD_SIZES[:2] if quick else FOLD_SIZES:
+            layer = DOConv2D(C_out, 3, in_channels=C_in, groups=groups)
+            layer.initialize()
+            W, D = layer.W.data().copy(), layer.D.data().copy()
+            W.attach_grad()
+            D.attach_grad()
+            steps = {}
+            for impl in ("kernel", "mxnet ops"):
+                use_fold_kernel(impl == "kernel", min_macs=0)
+                block = Fold(layer)
+                block.hybridize(static_alloc=True, static_shape=True)
+
+                def step(block=block, W=W, D=D):
+                    with autograd.record():
+                        folded = block(W, D)
+                    folded.backward()
+                    mx.nd.waitall()
+
+                step()  # traced now, with this impl
+                steps[impl] = step
+            times = {impl: [] for impl in steps}
+            for r in range(repeats):
+                for impl in list(steps) if r % 2 == 0 else list(steps)[::-1]:
+                    times[impl].append(_time(steps[impl], 1))
+            kernel_ms, ops_ms = (1000 * statistics.median(times[i]) for i in ("kernel", "mxnet ops"))
+            ratio = statistics.median(a / b for a, b in zip(times["kernel"], times["mxnet ops"]))
+            rows.append((C_in, C_out, groups, C_out * (C_in // groups) * 81, kernel_ms, ops_ms, ratio))
+    finally:
+        use_fold_kernel(was)
+    return rows
+
+
 def _time(step, n):
     start = time.perf_counter()
     for _ in range(n):
@@ -212,6 +275,19 @@ def main(argv=None) -> int:
     from doconv.gluon import fold_kernel_in_use, use_fold_kernel
 
     args = _parse(argv)
+    if args.fold_sizes:
+        from doconv.gluon import KERNEL_MIN_MACS
+
+        print(
+            f"doconv.gluon fold per layer size: one 3x3 layer's fold and backward, hybridized, {args.repeats} "
+            f"repeats, custom operator (C kernel) vs MXNet ops, medians; layers below {KERNEL_MIN_MACS} "
+            "multiply-adds fold with MXNet ops by default"
+        )
+        print("| in -> out channels, groups | fold MACs | kernel ms | MXNet ops ms | kernel / ops |")
+        print("|---|---|---|---|---|")
+        for C_in, C_out, groups, macs, kernel_ms, ops_ms, ratio in fold_sizes(args.repeats, args.quick):
+            print(f"| {C_in} -> {C_out}, {groups} | {macs} | {kernel_ms:.3f} | {ops_ms:.3f} | {ratio:.2f} |")
+        return 0
     was = fold_kernel_in_use()
     kernel = use_fold_kernel(not args.mxnet_ops)
     try:
