@@ -901,6 +901,8 @@ def test_benchmark_program_prints_its_ratio_table(capsys):
         "MobileNetV2-style, DO-Conv step minus native, by op: ",
         "at 2x2, batch 2: train step",
         "at 2x2, batch 2: train step, folding",
+        "at 7x7, batch 2: eval forward, unfused, inside cached_kernels",
+        "at 7x7, batch 2: eval forward, unfused, folding every forward",
         "state_dict tensor bytes",
     ):
         assert row in out
