@@ -93,14 +93,19 @@ def tolerance(dtype):
 
 
 # (C_out, C_in, groups, K, D_mul): 3x3 with D_mul = 9 (the AVX2 kernels for float32), the other
-# literal tap counts (1x3, 5x3, 5x5, 7x7), K = 9 with a larger D_mul, D_mul < K, sizes nothing
-# specialises, grouped and depthwise layers, and row counts that do not divide into parts.
+# literal tap counts (1x3, 1x7, 5x3, 5x5, 7x7) with D_mul = K and larger, K = 9 with a larger D_mul,
+# D_mul < K, sizes nothing specialises, grouped and depthwise layers, and row counts that do not
+# divide into parts.
 CASES = [
     (7, 5, 1, 9, 9),
     (13, 6, 1, 9, 9),
     (8, 4, 4, 9, 9),
     (6, 4, 2, 9, 11),
     (5, 3, 1, 3, 3),
+    (5, 3, 1, 3, 4),
+    (6, 4, 2, 7, 7),
+    (5, 3, 1, 7, 8),
+    (3, 4, 1, 25, 27),
     (4, 4, 2, 15, 15),
     (6, 3, 3, 25, 25),
     (4, 2, 1, 49, 49),

@@ -132,10 +132,18 @@
             }                                                                                     \
         }                                                                                         \
     }                                                                                             \
-    /* Dispatch on the common tap counts (3x3, 1x3/3x1, 5x3, 5x5, 7x7), a generic body else. */   \
+    /* Dispatch on the common tap counts (3x3, 1x3/3x1, 1x7/7x1, 5x3, 5x5, 7x7), a generic body else. */ \
     MULTIVERSION static void fold_rows_##SUFFIX(const T *W, const T *D_hat_t, T *out,             \
                                                 Py_ssize_t C_in_g, Py_ssize_t K, Py_ssize_t S,   \
                                                 Py_ssize_t opg, Py_ssize_t o0, Py_ssize_t o1) {  \
+        if (S == K) { /* D_mul = K, the default: both loops have a literal bound */               \
+            switch (K) {                                                                          \
+            case 3: rows_body_##SUFFIX(W, D_hat_t, out, C_in_g, 3, 3, opg, o0, o1); return;      \
+            case 7: rows_body_##SUFFIX(W, D_hat_t, out, C_in_g, 7, 7, opg, o0, o1); return;      \
+            case 9: rows_body_##SUFFIX(W, D_hat_t, out, C_in_g, 9, 9, opg, o0, o1); return;      \
+            case 25: rows_body_##SUFFIX(W, D_hat_t, out, C_in_g, 25, 25, opg, o0, o1); return;   \
+            }                                                                                     \
+        }                                                                                         \
         switch (K) {                                                                              \
         case 9: rows_body_##SUFFIX(W, D_hat_t, out, C_in_g, S, 9, opg, o0, o1); break;           \
         case 3: rows_body_##SUFFIX(W, D_hat_t, out, C_in_g, S, 3, opg, o0, o1); break;           \
@@ -152,6 +160,7 @@
             switch (K) {                                                                          \
             case 9: grad_W_body_regs_##SUFFIX(G, D_hat, grad_W, C_in_g, 9, 9, opg, o0, o1); return; \
             case 3: grad_W_body_regs_##SUFFIX(G, D_hat, grad_W, C_in_g, 3, 3, opg, o0, o1); return; \
+            case 7: grad_W_body_regs_##SUFFIX(G, D_hat, grad_W, C_in_g, 7, 7, opg, o0, o1); return; \
             case 25: grad_W_body_regs_##SUFFIX(G, D_hat, grad_W, C_in_g, 25, 25, opg, o0, o1); return; \
             }                                                                                     \
         }                                                                                         \
@@ -168,6 +177,7 @@
             switch (K) {                                                                          \
             case 9: grad_D_body_regs_##SUFFIX(G, W, grad_D, groups, C_in_g, 9, 9, opg, c0, c1); return; \
             case 3: grad_D_body_regs_##SUFFIX(G, W, grad_D, groups, C_in_g, 3, 3, opg, c0, c1); return; \
+            case 7: grad_D_body_regs_##SUFFIX(G, W, grad_D, groups, C_in_g, 7, 7, opg, c0, c1); return; \
             case 25: grad_D_body_regs_##SUFFIX(G, W, grad_D, groups, C_in_g, 25, 25, opg, c0, c1); return; \
             }                                                                                     \
         }                                                                                         \
