@@ -6,18 +6,21 @@ middle of W's Keras layout ``(D_mul, C_in/g, C_out)`` and of the kernel's HWIO l
 ``(K, C_in/g, C_out)``, while every backend's batched matmul takes batch axes first. So the fold
 is written as what it costs: two transposes of W-sized tensors (W to ``(c, s, o)``, the product
 back to ``(k, c, o)``) around one batched matmul; its gradient transposes the kernel's gradient
-once and W's gradient once, and reuses W's transposed copy (the matmul gradients take adjoint
-flags, not copies). ``ops.einsum`` computes the same contraction but, on tensorflow, inside one
-Einsum kernel that copies W, the kernel's gradient and the result again for each of its
-gradient's two einsums: measured on one CPU core, forward plus gradient for 3x3 512->512,
-einsum 17.9 ms, this 10.2 ms (TF graph); 19.7 / 12.5 ms (XLA); 17.9 / 13.3 ms (jax); the same on
-torch, whose einsum already does this (docs/keras.rst, Speed).
+once and W's gradient once, and reuses W's transposed copy (on tensorflow the matmul gradients
+take adjoint flags, not copies). ``ops.einsum`` computes the same contraction, but on tensorflow
+each Einsum op (the forward's and the two of its gradient) makes its own transposed copies of
+its operands inside its kernel, where the graph does not show them. Measured on one CPU core,
+forward plus gradient for 3x3 512->512: einsum 17.9 ms, this 10.6 ms (TF graph); 18.9 / 12.0 ms
+(XLA); 30.9 / 15.8 ms (jax) (``python -m doconv.benchmarks.bench_keras_fold``; docs/keras.rst).
 
 The transposes that remain are a consequence of the two layouts, not of the formulation: a
 multiply-and-sum over s needs none, but materialises K x W outside XLA and was 2-12x slower on
 every backend; storing W as ``(C_in/g, D_mul, C_out)`` would save the two transposes of W and of
 its gradient (about a quarter of the fold on tensorflow and jax), at the price of a change of the
 checkpoint layout (DESIGN.md pins the Keras W layout).
+
+The torch backend keeps the einsum (:func:`_fold_einsum`): torch runs it as this same bmm on
+strided views, measured as fast, and Keras' torch matmul would fold float64 layers in float32.
 """
 
 from __future__ import annotations
