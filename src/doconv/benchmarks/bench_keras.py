@@ -10,7 +10,8 @@ default compile (on a CPU-only machine: no XLA) and ``jit_compile=True`` (XLA).
 
 Below each table, where the time goes: the fold alone (every DO-Conv layer's kernel and its
 gradient, nothing else) per training step, as a share of the native step, and how many DO-Conv
-layers compose features instead of folding at this batch and size (``doconv.keras.composition``).
+layers compose features instead of folding at this batch and size (``doconv.keras.composition``);
+above them, the fold's TensorFlow graph op count (``doconv.keras.fold``).
 
 Run: ``python benchmarks/bench_keras.py [--model resnet50]`` or
 ``python -m doconv.benchmarks.bench_keras --quick`` for a seconds-long smoke run.
@@ -160,6 +161,17 @@ def _fold_step(keras, model, batch: int, jit: bool):
     return fold, len(folding), len(with_D) - len(folding)
 
 
+def _graph_ops(fn) -> str:
+    """What a tf.function's graph holds: its op count and the ops that move or multiply W-sized tensors.
+
+    Counted in the TensorFlow graph, before XLA (which fuses and relayouts on its own); an ``Einsum``
+    op transposes inside its kernel, so the count names it rather than hiding it among the rest.
+    """
+    types = [op.type for op in fn.get_concrete_function().graph.get_operations()]
+    named = ", ".join(f"{types.count(t)} {t}" for t in ("Transpose", "BatchMatMulV2", "Einsum") if t in types)
+    return f"{len(types)} graph ops ({named})" if named else f"{len(types)} graph ops"
+
+
 def main(argv=None) -> int:
     """Print DO-Conv / native time ratios for training and inference, default compile and XLA.
 
@@ -215,7 +227,7 @@ def main(argv=None) -> int:
     x = rng.standard_normal((args.batch, args.size, args.size, 3)).astype("float32")
     y = rng.integers(0, 10, args.batch)
     params = {name: model.count_params() for name, model in (("native", native), ("doconv", doconv), ("fused", fused))}
-    _, folding, composing = _fold_step(keras, doconv, args.batch, False)
+    fold, folding, composing = _fold_step(keras, doconv, args.batch, False)
     print(
         f"DO-Conv vs keras native convolutions, {title}, batch {args.batch}, {args.size}x{args.size}, "
         f"{args.steps} calls x {args.repeats} repeats, keras {keras.__version__}, backend tensorflow"
@@ -225,6 +237,7 @@ def main(argv=None) -> int:
         f"feature composition: {'off' if args.no_features else 'on'}; in a training step at this batch and size "
         f"{composing} DO-Conv layers compose features, {folding} fold (every depthwise layer folds)"
     )
+    print(f"the fold of those {folding} layers and its gradient: {_graph_ops(fold)}")
     configured = not args.quick and (args.batch, args.size) == SHAPES[args.model]
     controls = []
     for mode in modes:

@@ -4,8 +4,9 @@ Drop-ins for ``keras.layers.Conv2D``, ``DepthwiseConv2D`` and ``SeparableConv2D`
 stores W, the depthwise offset D and its other weights, folds W and D into an ordinary kernel
 with ``keras.ops`` on every call and runs the native layer's op, so it works on the tensorflow,
 jax and torch backends. The maths, argument checks and layout conversions live in
-:mod:`doconv.core`; this package creates weights and calls Keras ops (``layers``), moves
-parameters in the canonical layout (``params``) and converts whole models (``convert``).
+:mod:`doconv.core`; this package creates weights and calls Keras ops (``layers``), folds W and
+D into the kernel (``fold``), moves parameters in the canonical layout (``params``) and converts
+whole models (``convert``).
 In training, ``DOConv2D`` composes features instead of folding where a batch has few output
 positions (``composition``; :func:`use_feature_composition` turns that off).
 

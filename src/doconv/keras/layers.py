@@ -14,6 +14,7 @@ import numpy as np
 from .. import core
 from .._optional import require
 from . import composition
+from .fold import fold_kernel
 
 keras = require("keras", "doconv.keras", "keras", "Keras 3")
 ops = keras.ops
@@ -385,15 +386,7 @@ class DOConv2D(_DOConvBase):
         C_in_g = self.in_channels // self.groups
         if self.D is None:
             return ops.reshape(W, self.kernel_size + (C_in_g, self.filters))
-        D_hat = self._D_hat(W.dtype)
-        if self.groups == 1:
-            folded = ops.einsum("ksc,sco->kco", D_hat, W)
-        else:
-            # Group-major views: group gi pairs its W columns only with its own C_in/g channels of D.
-            g = self.groups
-            D_hat = ops.reshape(D_hat, (self.K, self.D_mul, g, C_in_g))
-            Wg = ops.reshape(W, (self.D_mul, C_in_g, g, self.filters // g))
-            folded = ops.einsum("ksgc,scgo->kcgo", D_hat, Wg)
+        folded = fold_kernel(self._D_hat(W.dtype), W, self.groups)  # a batched matmul (doconv.keras.fold)
         return ops.reshape(folded, self.kernel_size + (C_in_g, self.filters))
 
     @property
@@ -573,6 +566,8 @@ class _DepthwiseBase(_DOConvBase):
         shape = self.kernel_size + (self.in_channels, self.depth_multiplier)
         if self.D is None:
             return ops.reshape(W, shape)
+        # Not fold_kernel's batched matmul: here W is D-sized (K·D_mul·C_in·M is small), per-op overhead
+        # dominates, and measured on one core neither form was faster on every backend (docs/keras.rst, Speed).
         return ops.reshape(ops.einsum("ksc,scm->kcm", self._D_hat(W.dtype), W), shape)
 
     def _depthwise_config(self) -> dict:
