@@ -2,7 +2,7 @@
 
 The DO-Conv network is ``convert_model`` of the native one, the fused network is
 ``fuse_model`` of the DO-Conv one. Every repeat times each variant for the same number of
-steps, alternating which goes first, and the table reports the median of the per-repeat
+steps, in a new (seeded, shuffled) order each repeat, and the table reports the median of the per-repeat
 ratios (and their range). "Conv2D / Conv2D" times two copies of the native network
 against each other: it shows how much a ratio moves by noise alone.
 
@@ -24,6 +24,7 @@ Run ``python -m doconv.benchmarks.bench_gluon [--model NAME]`` (``--quick`` for 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 
@@ -254,8 +255,10 @@ def measure(args):
             step()
         names = list(steps)
         times = {name: [] for name in names}
-        for r in range(args.repeats):
-            order = names if r % 2 == 0 else names[::-1]
+        shuffle = random.Random(0).shuffle  # a new order every repeat: no variant always follows the same one
+        for _ in range(args.repeats):
+            order = list(names)
+            shuffle(order)
             for name in order:
                 times[name].append(_time(steps[name], args.steps))
         medians[mode] = {name: 1000 * statistics.median(t) for name, t in times.items()}
