@@ -1,6 +1,6 @@
 """DOConv2d against nn.Conv2d, measured side by side in one process.
 
-Every measurement alternates the variants inside each repeat (the order rotates),
+Every measurement alternates the variants inside each repeat (a new, seeded order each repeat),
 so drift of the machine's speed hits all of them alike, and reports the median of
 the per-repeat ratios. A second native copy ("control") shows the noise floor:
 its ratio to the native model should read 1.00.
