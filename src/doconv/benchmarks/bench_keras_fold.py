@@ -23,17 +23,6 @@ import numpy as np
 SIZES = ((64, 64, 1), (256, 256, 1), (512, 512, 1), (256, 256, 32))
 
 
-def _einsum(ops, D_hat, W, groups):
-    """The fold as the layers ran it before doconv.keras.fold: one einsum."""
-    K, D_mul, _ = D_hat.shape
-    _, C_in_g, C_out = W.shape
-    if groups == 1:
-        return ops.einsum("ksc,sco->kco", D_hat, W)
-    D_hat = ops.reshape(D_hat, (K, D_mul, groups, C_in_g))
-    W = ops.reshape(W, (D_mul, C_in_g, groups, C_out // groups))
-    return ops.reshape(ops.einsum("ksgc,scgo->kcgo", D_hat, W), (K, C_in_g, C_out))
-
-
 def _step(backend: str, mode: str, fold, groups: int):
     """fold's gradients w.r.t. D_hat and W for an incoming kernel gradient G, compiled as ``mode`` says."""
     if backend == "tensorflow":
@@ -91,7 +80,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import keras
 
-    from ..keras.fold import fold_kernel
+    from ..keras.fold import _fold_einsum, fold_kernel
 
     ops = keras.ops
     backend = keras.backend.backend()
@@ -99,7 +88,7 @@ def main(argv=None) -> int:
     sizes = ((16, 16, 1), (16, 16, 4)) if args.quick else SIZES
     repeats = 3 if args.quick else args.repeats
     print(f"fold + gradient, keras {keras.__version__}, backend {backend}, median of {repeats} repeats (ms)")
-    variants = {"einsum": lambda a, b, g: _einsum(ops, a, b, g), "fold_kernel": fold_kernel}
+    variants = {"einsum": _fold_einsum, "fold_kernel": fold_kernel}  # the einsum: what the layers ran before
     rng = np.random.default_rng(0)
     for mode in modes:
         for C_in, C_out, groups in sizes:
