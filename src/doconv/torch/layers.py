@@ -180,32 +180,21 @@ class _DOConvNd(nn.Module):
     @torch.jit.unused
     def _check_parameters(self) -> None:
         """Raise ValueError unless W, D and bias have this layer's shapes (say, after one was replaced)."""
-        # Every forward runs this: the common case is a few comparisons, the message is built apart.
-        W, D, bias = self.W, self.D, self.bias
+        # Every forward runs this: plain tuples and one pass, the message built only on a mismatch.
         C_out, C_in, D_mul = self.out_channels, self.in_channels, self.D_mul
         K = core.kernel_volume(self.kernel_size)
-        W_ok = W is not None and W.shape == (C_out, C_in // self.groups, D_mul)
-        D_ok = D is None if K == 1 else D is not None and D.shape == (C_in, K, D_mul)
-        if W_ok and D_ok and (bias is None or bias.shape == (C_out,)):
-            return
-        self._raise_for_parameters()
-
-    @torch.jit.unused
-    def _raise_for_parameters(self) -> None:
-        """The ValueError of :meth:`_check_parameters`, naming the first parameter whose shape is wrong."""
-        K = core.kernel_volume(self.kernel_size)
-        expected = {
-            "W": (self.out_channels, self.in_channels // self.groups, self.D_mul),
-            "D": (self.in_channels, K, self.D_mul) if K > 1 else None,
-            "bias": None if self.bias is None else (self.out_channels,),  # None: no bias, allowed
-        }
-        for name, shape in expected.items():
-            param = getattr(self, name)
+        bias = self.bias
+        checks = (
+            ("W", self.W, (C_out, C_in // self.groups, D_mul)),
+            ("D", self.D, (C_in, K, D_mul) if K > 1 else None),
+            ("bias", bias, None if bias is None else (C_out,)),  # None: no bias, allowed
+        )
+        for name, param, shape in checks:
             received = None if param is None else tuple(param.shape)
             if received != shape:
                 raise ValueError(
-                    f"{self._name()}({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                    f"groups={self.groups}, D_mul={self.D_mul}) needs {name} of shape {shape}. "
+                    f"{self._name()}({C_in}, {C_out}, kernel_size={self.kernel_size}, "
+                    f"groups={self.groups}, D_mul={D_mul}) needs {name} of shape {shape}. "
                     f"Received: {name}.shape={received}"
                 )
 
