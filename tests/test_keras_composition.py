@@ -117,6 +117,44 @@ def test_outputs_and_gradients_equal_folding(case, spy):
         assert_close32(g_feature[name], g_fold[name])
 
 
+def _random_layer(rng):
+    """A DOConv2D of random shape (groups, rectangular kernel, strides or dilation, padding, D_mul >= K)."""
+    groups = int(rng.choice([1, 1, 2, 3]))
+    C_in, filters = groups * int(rng.integers(1, 5)), groups * int(rng.integers(1, 5))
+    kernel = tuple(int(k) for k in rng.integers(1, 4, 2))
+    kernel = (1, 2) if kernel == (1, 1) else kernel  # K = 1 has no D: nothing to compose
+    strides = tuple(int(s) for s in rng.integers(1, 3, 2))
+    dilation = tuple(int(d) for d in rng.integers(1, 3, 2)) if strides == (1, 1) else (1, 1)
+    padding = str(rng.choice(["same", "valid"]))
+    K = kernel[0] * kernel[1]
+    layer = DOConv2D(
+        filters, kernel, strides=strides, dilation_rate=dilation, padding=padding, groups=groups,
+        D_mul=K + int(rng.integers(0, 3)),
+    )  # fmt: skip
+    reach = max((k - 1) * d + 1 for k, d in zip(kernel, dilation))
+    shape = (int(rng.integers(1, 4)), reach + int(rng.integers(0, 4)), reach + int(rng.integers(0, 4)), C_in)
+    x = rng.standard_normal(shape).astype("float32")
+    layer.build(shape)
+    randomize(layer, rng)
+    return layer, x, rng.standard_normal(layer.compute_output_shape(shape)).astype("float32")
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_random_shapes_equal_folding(seed, spy, monkeypatch):
+    # The rule picks features only for large layers on small inputs; here it is told to, so that
+    # small random shapes take both paths.
+    monkeypatch.setattr(core, "training_composition", lambda *args: "feature")
+    layer, x, r = _random_layer(np.random.default_rng(1000 + seed))
+    assert layer._composes_features(x, True)
+    y_feature, g_feature = _loss_and_grads(layer, x, r)
+    assert spy, "feature composition was not used"
+    doconv.keras.use_feature_composition(False)
+    y_fold, g_fold = _loss_and_grads(layer, x, r)
+    assert_close32(y_feature, y_fold)
+    for name in g_fold:
+        assert_close32(g_feature[name], g_fold[name])
+
+
 def test_channels_first_equal_folding():
     # TF has no NCHW convolution kernel on CPU: its channels_first runs under XLA.
     layer, x, r = _case_layer("groups", data_format="channels_first")

@@ -69,9 +69,11 @@ def _patches(x, kernel_size, strides, dilation_rate, padding):
     """The input's K taps at every output position, ``(N, H_out, W_out, K, C_in)``, from a channels_last ``x``.
 
     Zero-padded exactly as the convolution pads ('same': TensorFlow's split, core.same_padding), then
-    one strided slice per tap: plain slicing, whose gradient is a pad, on every backend and under XLA
-    (XLA's CPU depthwise convolution with a depth multiplier, the other way to apply D_hat, trains
-    an order of magnitude slower than the fold).
+    one slice per tap: plain slicing, whose gradient is a pad, on every backend and under XLA (XLA's
+    CPU depthwise convolution with a depth multiplier, the other way to apply D_hat, trains an order
+    of magnitude slower than the fold). With stride 1 each tap is a contiguous window, ``ops.slice``:
+    TensorFlow differentiates a strided slice by a StridedSliceGrad, which took 0.4-0.6 ms a tap on
+    a 512-channel 2x2 batch of 16 where the window's Slice and its Pad take some 0.1 ms.
     """
     spatial = tuple(int(n) for n in x.shape[1:3])
     pads = core.padding_pairs(padding, kernel_size, strides, dilation_rate, spatial)
@@ -79,11 +81,15 @@ def _patches(x, kernel_size, strides, dilation_rate, padding):
     if any(p for pair in pads for p in pair):
         x = ops.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),))
     (kh, kw), (sh, sw), (dh, dw) = kernel_size, strides, dilation_rate
-    taps = [
-        x[:, i * dh : i * dh + (H_out - 1) * sh + 1 : sh, j * dw : j * dw + (W_out - 1) * sw + 1 : sw, :]
-        for i in range(kh)
-        for j in range(kw)
-    ]
+    n, C_in = int(x.shape[0]), int(x.shape[3])
+    if (sh, sw) == (1, 1):
+        taps = [ops.slice(x, (0, i * dh, j * dw, 0), (n, H_out, W_out, C_in)) for i in range(kh) for j in range(kw)]
+    else:
+        taps = [
+            x[:, i * dh : i * dh + (H_out - 1) * sh + 1 : sh, j * dw : j * dw + (W_out - 1) * sw + 1 : sw, :]
+            for i in range(kh)
+            for j in range(kw)
+        ]
     return ops.stack(taps, axis=3)
 
 
@@ -104,17 +110,60 @@ def compose_features(inputs, W, D_hat, groups: int, kernel_size, strides, paddin
     Returns:
         ``(N, H_out, W_out, filters)`` or ``(N, filters, H_out, W_out)``.
     """
-    K, D_mul, C_in = D_hat.shape
     filters = W.shape[2]
-    C_in_g = C_in // groups
     channels_first = data_format != core.CHANNELS_LAST
     # Few positions by construction (that is when this runs): moving the input's axes is cheap.
     x = ops.transpose(inputs, (0, 2, 3, 1)) if channels_first else inputs
     patches = _patches(x, kernel_size, strides, dilation_rate, padding)
     n, h, w = patches.shape[:3]
+    if keras.backend.backend() == "torch":
+        y = _compose_einsum(patches, W, D_hat, groups)
+    else:
+        y = _compose_matmul(patches, W, D_hat, groups)
+    y = ops.reshape(y, (n, h, w, filters))
+    return ops.transpose(y, (0, 3, 1, 2)) if channels_first else y
+
+
+def _compose_matmul(patches, W, D_hat, groups: int):
+    """Both products as matrix products, ``(positions, filters)``: tensorflow's and jax's path.
+
+    The features are laid out in W's own row order (s, c), so for groups = 1 W enters its product
+    as a reshape and no transpose moves a W-sized tensor; the others move patch-, feature- or
+    D-sized ones. TensorFlow's einsum for the depthwise step ran at about a tenth of this batched
+    matmul's speed (3x3 512->512 at 2x2, batch 16: docs/keras.rst), and its einsum for W's product
+    transposed W in every step.
+    """
+    K, D_mul, C_in = D_hat.shape
+    filters = W.shape[2]
+    C_in_g = C_in // groups
+    positions = patches.shape[0] * patches.shape[1] * patches.shape[2]
+    # The depthwise step, one small product per input channel: (c, P, k) @ (c, k, s) -> (c, P, s).
+    taps = ops.transpose(ops.reshape(patches, (positions, K, C_in)), (2, 0, 1))
+    features = ops.matmul(taps, ops.transpose(D_hat, (2, 0, 1)))
+    if groups == 1:
+        features = ops.reshape(ops.transpose(features, (1, 2, 0)), (positions, D_mul * C_in))
+        return ops.matmul(features, ops.reshape(W, (D_mul * C_in, filters)))
+    # Group gi's columns of W meet the features of its own C_in/g channels (DESIGN.md, i(o, c)); W's
+    # rows (s, c) of one group are not adjacent in its layout, so this one W-sized transpose stays.
+    features = ops.transpose(ops.reshape(features, (groups, C_in_g, positions, D_mul)), (0, 2, 3, 1))
+    features = ops.reshape(features, (groups, positions, D_mul * C_in_g))
+    W_g = ops.transpose(ops.reshape(W, (D_mul, C_in_g, groups, filters // groups)), (2, 0, 1, 3))
+    y = ops.matmul(features, ops.reshape(W_g, (groups, D_mul * C_in_g, filters // groups)))
+    return ops.reshape(ops.transpose(y, (1, 0, 2)), (positions, filters))
+
+
+def _compose_einsum(patches, W, D_hat, groups: int):
+    """The same products as two einsums, ``(positions, filters)``: the torch backend's path.
+
+    torch's einsum runs them as bmm on strided views, and Keras 3.15's torch ``ops.matmul`` computes
+    in ``dtypes.result_type`` (float32 for two float64 operands; see doconv.keras.fold).
+    """
+    _, D_mul, C_in = D_hat.shape
+    filters = W.shape[2]
+    C_in_g = C_in // groups
+    n, h, w = patches.shape[:3]
     features = ops.einsum("nhwkc,ksc->nhwcs", patches, D_hat)
     # Group gi's columns of W meet the features of its own C_in/g channels (DESIGN.md, i(o, c)).
     features = ops.reshape(features, (n, h, w, groups, C_in_g, D_mul))
     y = ops.einsum("nhwgcs,scgo->nhwgo", features, ops.reshape(W, (D_mul, C_in_g, groups, filters // groups)))
-    y = ops.reshape(y, (n, h, w, filters))
-    return ops.transpose(y, (0, 3, 1, 2)) if channels_first else y
+    return ops.reshape(y, (n * h * w, filters))
