@@ -728,6 +728,35 @@ def test_benchmark_composition_sweep_prints_its_table(capsys):
     assert all(float(row[2]) > 0 for row in rows)
 
 
+def test_benchmark_part_by_part_converts_each_part_alone(monkeypatch):
+    from doconv.benchmarks import bench_torch
+
+    timed = {}
+
+    def side_by_side(steps, repeats, warmup, device):
+        timed.update(steps)
+        return {name: [1.0] for name in steps}
+
+    monkeypatch.setattr(bench_torch, "side_by_side", side_by_side)
+    ratios = bench_torch.part_by_part(quick=True, repeats=1)
+    assert list(ratios) == ["control", "all", *bench_torch.RESNET_PARTS]
+    assert all(ratio == 1.0 for ratio in ratios.values())
+    # Each step's closure holds its net: find the DO-Conv layers of every variant, by part.
+    nets = {
+        name: next(c.cell_contents for c in step.__closure__ if isinstance(c.cell_contents, nn.Sequential))
+        for name, step in timed.items()
+    }
+    for name, net in nets.items():
+        converted = {i for i, module in enumerate(net) if any(isinstance(m, DOConv2d) for m in module.modules())}
+        if name in ("native", "control"):
+            assert converted == set()
+        elif name == "all":
+            assert converted == {0, 4, 5, 6, 7, 8, 9, 10, 11}
+        else:
+            assert converted == set(bench_torch.RESNET_PARTS[name])
+            assert not any(isinstance(m, nn.Conv2d) for i in converted for m in net[i].modules())
+
+
 def test_benchmark_fold_split_prints_both_ways_side_by_side(capsys):
     from doconv.benchmarks import bench_torch
     from doconv.torch import folding

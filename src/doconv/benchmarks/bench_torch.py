@@ -538,6 +538,37 @@ def composing_layers(quick: bool = False) -> tuple[list[str], list[str]]:
     return features, folding
 
 
+# The ResNet-18-style net's parts, as indices into its nn.Sequential (resnet18_style): the 7x7
+# stem and each stage's two basic blocks.
+RESNET_PARTS = {"stem": (0,), "stage 1": (4, 5), "stage 2": (6, 7), "stage 3": (8, 9), "stage 4": (10, 11)}
+
+
+def part_by_part(quick: bool = False, repeats: int | None = None) -> dict[str, float]:
+    """The ResNet-18-style training step with DO-Conv in one part of the net only, each / native.
+
+    Every variant converts one part (:data:`RESNET_PARTS`) and keeps ``nn.Conv2d`` elsewhere; all
+    are timed side by side with the native net and the whole DO-Conv net, so each part's excess
+    over 1.00 is what that part adds to the whole net's, measured rather than attributed by op.
+
+    Returns:
+        ``{"all": ratio, part name: ratio, ..., "control": native / native}``.
+    """
+    sizes = _sizes(quick)
+    torch.manual_seed(0)
+    base = resnet18_style(width=sizes["width"])
+    nets = {"native": base, "control": copy.deepcopy(base), "all": convert_model(base)}
+    for name, indices in RESNET_PARTS.items():
+        net = copy.deepcopy(base)
+        for i in indices:
+            net[i] = convert_model(nn.Sequential(net[i]))[0]  # the stem is a bare nn.Conv2d
+        nets[name] = net
+    x = torch.randn(sizes["batch"], 3, sizes["image"], sizes["image"])
+    target = torch.randint(0, 10, (sizes["batch"],))
+    steps = {name: _train_step(net, _sgd(net), x, target) for name, net in nets.items()}
+    times = side_by_side(steps, repeats or sizes["repeats"], sizes["warmup"], torch.device("cpu"))
+    return {name: median_ratio(times, name) for name in nets if name != "native"}
+
+
 def fold_traffic_floor(quick: bool = False, folding: list[str] | None = None) -> tuple[float, float]:
     """The memory traffic the folding layers add to a training step, and this machine's speed for it.
 
@@ -791,6 +822,14 @@ def main(argv: list[str] | None = None) -> int:
         for network, name in (("resnet18", "ResNet-18-style"), ("mobilenet_v2", "MobileNetV2-style")):
             rest = where_the_rest_goes(quick=args.quick, network=network)
             print(f"{name}, DO-Conv step minus native, by op: " + ", ".join(f"{op} {ms:+.1f} ms" for op, ms in rest))
+        parts = part_by_part(quick=args.quick, repeats=args.repeats)
+        excess = sum(parts[name] - 1 for name in RESNET_PARTS)
+        print(
+            "ResNet-18-style train step with DO-Conv in one part only / native: "
+            + ", ".join(f"{name} {parts[name]:.3f}" for name in RESNET_PARTS)
+            + f"; the parts' excesses sum to {excess:.3f}, the whole net's is {parts['all'] - 1:.3f}"
+            + f" (control {parts['control']:.3f})"
+        )
         features, folding = composing_layers(quick=args.quick)
         print(
             f"layers composing features in a training step: {len(features)} of {len(features) + len(folding)} "
