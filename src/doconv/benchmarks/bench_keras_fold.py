@@ -23,33 +23,79 @@ import numpy as np
 SIZES = ((64, 64, 1), (256, 256, 1), (512, 512, 1), (256, 256, 32))
 
 
-def _step(backend: str, mode: str, fold, groups: int):
-    """fold's gradients w.r.t. D_hat and W for an incoming kernel gradient G, compiled as ``mode`` says."""
+def gradient_step(backend: str, mode: str, fn):
+    """``step(*inputs, G)``: the gradients of ``fn(*inputs)`` w.r.t. every input for an incoming gradient G.
+
+    Compiled as ``mode`` says on tensorflow (``tf.function``, with ``jit_compile`` for ``'xla'``),
+    ``jax.jit``-ed on jax, eager on torch. bench_keras_layer times whole layers with it.
+    """
     if backend == "tensorflow":
         import tensorflow as tf
 
-        def step(D_hat, W, G):
+        def step(*args):
+            *inputs, G = args
             with tf.GradientTape() as tape:
-                tape.watch([D_hat, W])
-                y = fold(D_hat, W, groups)
-            return tape.gradient(y, [D_hat, W], output_gradients=G)
+                tape.watch(inputs)
+                y = fn(*inputs)
+            return tape.gradient(y, inputs, output_gradients=G)
 
         return tf.function(step, jit_compile=mode == "xla")
     if backend == "jax":
         import jax
 
-        def step(D_hat, W, G):
-            _, pullback = jax.vjp(lambda a, b: fold(a, b, groups), D_hat, W)
+        def step(*args):
+            *inputs, G = args
+            _, pullback = jax.vjp(fn, *inputs)
             return pullback(G)
 
         return jax.jit(step)
     import torch
 
-    def step(D_hat, W, G):
-        D_hat, W = D_hat.detach().requires_grad_(True), W.detach().requires_grad_(True)
-        return torch.autograd.grad(fold(D_hat, W, groups), (D_hat, W), G)
+    def step(*args):
+        *inputs, G = args
+        inputs = [t.detach().requires_grad_(True) for t in inputs]
+        return torch.autograd.grad(fn(*inputs), inputs, G)
 
     return step
+
+
+def parse_args(prog: str, description: str, argv, repeats: int, quick_help: str):
+    """The keras micro-benchmarks' command line: ``(args, keras, backend, modes, repeats)``.
+
+    ``--modes`` (tensorflow only: graph and/or xla; the other backends run in their one mode),
+    ``--repeats`` (3 with ``--quick``) and ``--quick``; an unknown mode is refused by name.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--modes", default="graph,xla", help="tensorflow only: comma-separated graph, xla")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    args = parser.parse_args(argv)
+    import keras
+
+    backend = keras.backend.backend()
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()] if backend == "tensorflow" else [backend]
+    unknown = sorted(set(modes) - {"graph", "xla", backend})
+    if unknown or not modes:
+        parser.error(f"--modes takes 'graph' and/or 'xla'. Received: --modes={args.modes!r}")
+    return args, keras, backend, modes, 3 if args.quick else args.repeats
+
+
+def alternating_times(steps: dict, inputs: dict, repeats: int, calls: int) -> dict:
+    """name -> ms per call of ``steps[name](*inputs[name])`` in each repeat, the order reversed every other repeat.
+
+    Each timing ends by reading one output back to NumPy, so that asynchronous backends finish.
+    """
+    import keras
+
+    times = {name: [] for name in steps}
+    for r in range(repeats):
+        for name in sorted(steps, reverse=r % 2 == 1):
+            start = time.perf_counter()
+            for _ in range(calls):
+                out = steps[name](*inputs[name])
+            keras.ops.convert_to_numpy(out[0])
+            times[name].append((time.perf_counter() - start) / calls * 1e3)
+    return times
 
 
 def _graph_ops(step, args) -> str:
@@ -73,20 +119,12 @@ def main(argv=None) -> int:
         ...
         0
     """
-    parser = argparse.ArgumentParser(prog="bench_keras_fold", description=__doc__.splitlines()[0])
-    parser.add_argument("--modes", default="graph,xla", help="tensorflow only: comma-separated graph, xla")
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (small sizes)")
-    args = parser.parse_args(argv)
-    import keras
-
+    description, quick = __doc__.splitlines()[0], "a seconds-long smoke run"
+    args, keras, backend, modes, repeats = parse_args("bench_keras_fold", description, argv, 9, quick)
     from ..keras.fold import _fold_einsum, fold_kernel
 
     ops = keras.ops
-    backend = keras.backend.backend()
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()] if backend == "tensorflow" else [backend]
     sizes = ((16, 16, 1), (16, 16, 4)) if args.quick else SIZES
-    repeats = 3 if args.quick else args.repeats
     print(f"fold + gradient, keras {keras.__version__}, backend {backend}, median of {repeats} repeats (ms)")
     variants = {"einsum": _fold_einsum, "fold_kernel": fold_kernel}  # the einsum: what the layers ran before
     rng = np.random.default_rng(0)
@@ -97,19 +135,15 @@ def main(argv=None) -> int:
                 ops.convert_to_tensor(rng.standard_normal(shape).astype("float32"))
                 for shape in ((K, D_mul, C_in), (D_mul, C_in // groups, C_out), (K, C_in // groups, C_out))
             )
-            steps = {name: _step(backend, mode, fold, groups) for name, fold in variants.items()}
+            steps = {
+                name: gradient_step(backend, mode, lambda D_hat, W, f=fold, g=groups: f(D_hat, W, g))
+                for name, fold in variants.items()
+            }
             grads = {name: [ops.convert_to_numpy(g) for g in step(*args_)] for name, step in steps.items()}
             for new, ref in zip(grads["fold_kernel"], grads["einsum"]):
                 np.testing.assert_allclose(new, ref, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(ref))))
             calls = 20 if C_in * C_out < 512 * 512 else 5
-            times = {name: [] for name in steps}
-            for r in range(repeats):
-                for name in sorted(steps, reverse=r % 2 == 1):
-                    start = time.perf_counter()
-                    for _ in range(calls):
-                        out = steps[name](*args_)
-                    ops.convert_to_numpy(out[-1])
-                    times[name].append((time.perf_counter() - start) / calls * 1e3)
+            times = alternating_times(steps, {name: args_ for name in steps}, repeats, calls)
             ratio = statistics.median(a / b for a, b in zip(times["fold_kernel"], times["einsum"]))
             line = f"{mode} 3x3 {C_in}->{C_out} groups={groups}: " + ", ".join(
                 f"{name} {statistics.median(t):.2f} ms" for name, t in times.items()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from .. import core
 from .._optional import require
+from .fold import einsum_backend
 
 keras = require("keras", "doconv.keras", "keras", "Keras 3")
 ops = keras.ops
@@ -72,8 +73,8 @@ def _patches(x, kernel_size, strides, dilation_rate, padding):
     one slice per tap: plain slicing, whose gradient is a pad, on every backend and under XLA (XLA's
     CPU depthwise convolution with a depth multiplier, the other way to apply D_hat, trains an order
     of magnitude slower than the fold). With stride 1 each tap is a contiguous window, ``ops.slice``:
-    TensorFlow differentiates a strided slice by a StridedSliceGrad, which took 0.4-0.6 ms a tap on
-    a 512-channel 2x2 batch of 16 where the window's Slice and its Pad take some 0.1 ms.
+    TensorFlow differentiates a strided slice by a StridedSliceGrad, about 0.4 ms a tap dearer on a
+    512-channel 2x2 batch of 16 (``python -m doconv.benchmarks.bench_keras_layer``; docs/keras.rst).
     """
     spatial = tuple(int(n) for n in x.shape[1:3])
     pads = core.padding_pairs(padding, kernel_size, strides, dilation_rate, spatial)
@@ -116,7 +117,7 @@ def compose_features(inputs, W, D_hat, groups: int, kernel_size, strides, paddin
     x = ops.transpose(inputs, (0, 2, 3, 1)) if channels_first else inputs
     patches = _patches(x, kernel_size, strides, dilation_rate, padding)
     n, h, w = patches.shape[:3]
-    if keras.backend.backend() == "torch":
+    if einsum_backend():
         y = _compose_einsum(patches, W, D_hat, groups)
     else:
         y = _compose_matmul(patches, W, D_hat, groups)
@@ -129,9 +130,9 @@ def _compose_matmul(patches, W, D_hat, groups: int):
 
     The features are laid out in W's own row order (s, c), so for groups = 1 W enters its product
     as a reshape and no transpose moves a W-sized tensor; the others move patch-, feature- or
-    D-sized ones. TensorFlow's einsum for the depthwise step ran at about a tenth of this batched
-    matmul's speed (3x3 512->512 at 2x2, batch 16: docs/keras.rst), and its einsum for W's product
-    transposed W in every step.
+    D-sized ones. As two einsums (the torch backend's form) a 3x3 512->512 layer at 2x2, batch 16,
+    took 17.0 ms for its forward and gradients on TensorFlow's graph against 8.8 ms this way
+    (``python -m doconv.benchmarks.bench_keras_layer``; docs/keras.rst).
     """
     K, D_mul, C_in = D_hat.shape
     filters = W.shape[2]
@@ -153,11 +154,8 @@ def _compose_matmul(patches, W, D_hat, groups: int):
 
 
 def _compose_einsum(patches, W, D_hat, groups: int):
-    """The same products as two einsums, ``(positions, filters)``: the torch backend's path.
-
-    torch's einsum runs them as bmm on strided views, and Keras 3.15's torch ``ops.matmul`` computes
-    in ``dtypes.result_type`` (float32 for two float64 operands; see doconv.keras.fold).
-    """
+    """The same products as two einsums, ``(positions, filters)``: the torch backend's path (why:
+    ``doconv.keras.fold.einsum_backend``)."""
     _, D_mul, C_in = D_hat.shape
     filters = W.shape[2]
     C_in_g = C_in // groups

@@ -31,6 +31,17 @@ keras = require("keras", "doconv.keras", "keras", "Keras 3")
 ops = keras.ops
 
 
+def einsum_backend() -> bool:
+    """True on the backend whose products this package writes as einsums: torch.
+
+    torch runs an einsum as a bmm on strided views (as fast as the matmul forms, measured), and
+    Keras 3.15's torch ``ops.matmul`` computes in ``dtypes.result_type``, which gives float32 for two
+    float64 operands: float64 layers would fold or compose features in float32 there. The fold and
+    feature composition both ask this one question.
+    """
+    return keras.backend.backend() == "torch"
+
+
 def fold_kernel(D_hat, W, groups: int):
     """The folded kernel ``(K, C_in/groups, C_out)`` of D + I and W, in their dtype.
 
@@ -52,7 +63,7 @@ def fold_kernel(D_hat, W, groups: int):
     """
     K, D_mul, _ = D_hat.shape
     _, C_in_g, C_out = W.shape
-    if keras.backend.backend() == "torch":
+    if einsum_backend():
         return _fold_einsum(D_hat, W, groups)
     if groups == 1:
         # (c, k, s) @ (c, s, o) -> (c, k, o); D_hat's transpose is D-sized, a K·C_out-th of W's.
@@ -68,12 +79,7 @@ def fold_kernel(D_hat, W, groups: int):
 
 
 def _fold_einsum(D_hat, W, groups: int):
-    """The same fold as one einsum: the torch backend's path.
-
-    torch's einsum already runs a bmm on strided views (as fast as the matmul form, measured), and
-    Keras 3.15's torch ``ops.matmul`` computes in ``dtypes.result_type``, which gives float32 for two
-    float64 operands: a float64 layer would fold in float32 there.
-    """
+    """The same fold as one einsum: the torch backend's path (why: :func:`einsum_backend`)."""
     K, D_mul, _ = D_hat.shape
     _, C_in_g, C_out = W.shape
     if groups == 1:
