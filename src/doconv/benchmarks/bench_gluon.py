@@ -77,7 +77,8 @@ def _networks(args):
     from gluoncv.model_zoo import get_model
     from mxnet import nd
 
-    from doconv.gluon import _copy_block, convert_model, plan_compositions
+    from doconv.gluon import convert_model, plan_compositions
+    from doconv.gluon.convert import _copy_block
 
     mx.random.seed(0)
     native = get_model(args.model, pretrained=False, classes=100)
@@ -148,7 +149,8 @@ def _fold_timer(net):
     import mxnet as mx
     from mxnet import autograd, gluon, nd
 
-    from doconv.gluon import DOConv2D, _walk
+    from doconv.gluon import DOConv2D
+    from doconv.gluon.convert import _walk
 
     layers = list({id(b): b for _, b in _walk(net) if isinstance(b, DOConv2D) and b.D is not None}.values())
 
