@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     Example:
         >>> main(["--quick", "--modes", "graph"])  # doctest: +ELLIPSIS
         one layer's forward + gradients, keras ... backend tensorflow, ...
-        graph, a small layer: 3x3 16->16, batch 2, 3x3 positions, D_mul 9: the composition rule picks ...
+        graph, a small layer: 3x3 16->16, batch 2, 3x3 maps, D_mul 9: the composition rule picks ...
             features ... ms (... of conv)
         ...
         0
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
             fold_macs, feature_macs = core.composition_macs(positions, C_in, C_out, 1, K, D_mul)
             M, N = kernel_size
             print(
-                f"{mode}, {what}: {M}x{N} {C_in}->{C_out}, batch {batch}, {size}x{size} positions, D_mul {D_mul}: "
+                f"{mode}, {what}: {M}x{N} {C_in}->{C_out}, batch {batch}, {size}x{size} maps, D_mul {D_mul}: "
                 f"the composition rule picks {choice!r} (features / fold multiply-adds "
                 f"{feature_macs / fold_macs:.2f}; 'feature' needs <= {1 / core.FEATURE_COMPOSITION_MARGIN:.2f})"
             )
