@@ -489,6 +489,30 @@ def test_mobilenetv2_convert_then_fuse_gives_the_original():
 def test_benchmark_quick_run_prints_a_table(capsys):
     from doconv.benchmarks import bench_keras
 
-    assert bench_keras.main(["--quick"]) == 0
+    assert bench_keras.main(["--quick", "--without-fold"]) == 0
     out = capsys.readouterr().out
     assert "train step          DO-Conv / Conv2D" in out and "predict, fused" in out
+    assert out.count(bench_keras.WITHOUT_FOLD) == 2  # one row per compile mode
+
+
+@tensorflow_only
+@needs_tensorflow
+def test_benchmark_without_fold_replaces_only_the_folding_layers_kernels():
+    """The --without-fold variant convolves with W's first identity tile, keeps D in the graph, and
+    leaves 1x1 layers (no fold) and every other model alone."""
+    import keras
+
+    from doconv.benchmarks import bench_keras
+    from doconv.keras import DOConv2D, convert_model
+
+    inputs = keras.Input((8, 8, 3))
+    outputs = keras.layers.Conv2D(4, 1)(keras.layers.Conv2D(6, 3, padding="same")(inputs))
+    native = keras.Model(inputs, outputs)
+    plain, variant = convert_model(native), bench_keras._without_fold(keras, convert_model(native))
+    conv3, conv1 = [layer for layer in variant.layers if isinstance(layer, DOConv2D)]
+    rng = np.random.default_rng(0)
+    conv3.D.assign(rng.standard_normal(conv3.D.shape).astype("float32"))  # the real fold would now differ
+    W = np.asarray(conv3.W)
+    np.testing.assert_array_equal(np.asarray(conv3.kernel), W[: conv3.K].reshape(3, 3, 3, 6))
+    np.testing.assert_array_equal(np.asarray(conv1.kernel), np.asarray(conv1.W).reshape(1, 1, 6, 4))
+    assert "_fold" not in vars([layer for layer in plain.layers if isinstance(layer, DOConv2D)][0])

@@ -161,6 +161,31 @@ def _fold_step(keras, model, batch: int, jit: bool):
     return fold, len(folding), len(with_D) - len(folding)
 
 
+WITHOUT_FOLD = "train step          DO-Conv, no fold / Conv2D"
+
+
+def _without_fold(keras, model):
+    """``model`` with each folding DOConv2D convolving with W's first identity tile instead of the fold.
+
+    Not DO-Conv's maths, a measurement: what the layers cost besides their fold (two weights, D + I,
+    the optimizer's update of D, feature composition where a layer composes). D stays in the graph,
+    added at zero weight, so its gradient and update still run. The depthwise layers keep folding.
+    """
+    from ..keras import DOConv2D
+
+    ops = keras.ops
+
+    def first_tile(layer):
+        W = ops.convert_to_tensor(layer.W)
+        kernel = ops.reshape(W[: layer.K], layer.kernel_size + (layer.in_channels // layer.groups, layer.filters))
+        return kernel + 0.0 * ops.sum(ops.convert_to_tensor(layer.D))
+
+    for layer in _do_layers(model):
+        if isinstance(layer, DOConv2D) and layer.D is not None:
+            layer._fold = lambda layer=layer: first_tile(layer)
+    return model
+
+
 FOLD_COLD = "fold alone, caches flushed before it"
 CACHE_FLUSH_FLOATS = 1 << 24  # 64 MiB, twice the largest last-level cache of the machines we measure on
 
@@ -195,7 +220,8 @@ def main(argv=None) -> int:
 
     Args:
         argv: command-line arguments (default ``sys.argv[1:]``): ``--model``, ``--batch``, ``--size``,
-            ``--steps`` (calls per timing), ``--repeats``, ``--quick``, ``--no-features``.
+            ``--steps`` (calls per timing), ``--repeats``, ``--quick``, ``--no-features``,
+            ``--without-fold``.
 
     Returns:
         0.
@@ -218,6 +244,12 @@ def main(argv=None) -> int:
         "--no-features", action="store_true", help="fold in every layer (doconv.keras.use_feature_composition(False))"
     )
     parser.add_argument("--modes", default="default,xla", help="comma-separated: default, xla")
+    parser.add_argument(
+        "--without-fold",
+        action="store_true",
+        help="also train the DO-Conv network with its DOConv2D folds replaced by W's first identity tile: "
+        "what the layers cost besides the fold",
+    )
     args = parser.parse_args(argv)
     batch, size = SHAPES[args.model]
     args.batch = batch if args.batch is None else args.batch
@@ -257,9 +289,10 @@ def main(argv=None) -> int:
     )
     print(f"the fold of those {folding} layers and its gradient: {_graph_ops(fold)}")
     configured = not args.quick and (args.batch, args.size) == SHAPES[args.model]
+    models = (native, control, doconv) + ((_without_fold(keras, convert_model(native)),) if args.without_fold else ())
     controls = []
     for mode in modes:
-        controls += _run_mode(keras, mode, args, (native, control, doconv), x, y, configured)
+        controls += _run_mode(keras, mode, args, models, x, y, configured)
     note = busy_note(controls)
     if note:
         print(note)
@@ -286,7 +319,7 @@ def _run_mode(keras, mode: str, args, models, x, y, configured: bool) -> list:
 
     jit = mode == "xla"
     train, predict = {}, {}
-    for name, model in zip(("native", "control", "doconv"), models):
+    for name, model in zip(("native", "control", "doconv", "without fold"), models):
         _compiled(keras, model, jit)
         for _ in range(2):  # compile and warm up
             model.train_on_batch(x, y)
@@ -306,12 +339,14 @@ def _run_mode(keras, mode: str, args, models, x, y, configured: bool) -> list:
         "flushed fold": (_timer(flushed_fold, args.steps), train["native"]),
         "flush": (_timer(flush, args.steps), train["native"]),
     }
+    if "without fold" in train:
+        pairs[WITHOUT_FOLD] = (train["without fold"], train["native"])
     results = _median_ratios(pairs, args.repeats)
     # What the fold costs with its inputs out of the caches, as a training step meets them among
     # the network's other tensors: the flushed run minus the flush itself.
     results[FOLD_COLD] = results.pop("flushed fold") - results.pop("flush")
     fused = _compiled(keras, fuse_model(models[2]), jit)
-    for name, model in zip(("native", "control", "doconv", "fused"), (*models, fused)):
+    for name, model in zip(("native", "control", "doconv", "fused"), (*models[:3], fused)):
         for _ in range(2):
             model.predict_on_batch(x)
         predict[name] = _timer(lambda m=model: m.predict_on_batch(x), args.steps)
@@ -322,6 +357,7 @@ def _run_mode(keras, mode: str, args, models, x, y, configured: bool) -> list:
     }
     results.update(_median_ratios(pairs, args.repeats))
     order = ["train step          DO-Conv / Conv2D", "train step          Conv2D / Conv2D (control)"]
+    order += [WITHOUT_FOLD] if WITHOUT_FOLD in results else []
     order += [name for name in pairs] + ["fold alone          fold / Conv2D train step", FOLD_COLD]
     results = {name: results[name] for name in order}
     compile_name = "jit_compile=True (XLA)" if jit else "default (jit_compile='auto': no XLA on a CPU-only machine)"
@@ -329,7 +365,8 @@ def _run_mode(keras, mode: str, args, models, x, y, configured: bool) -> list:
     print(f"{'measure':<48} median ratio  goal")
     goals = GOALS[args.model]
     for name, ratio in results.items():
-        target = "-" if "control" in name else goals.get(name.split("  ")[0].strip(), "-")
+        measured_only = "control" in name or name == WITHOUT_FOLD
+        target = "-" if measured_only else goals.get(name.split("  ")[0].strip(), "-")
         print(f"{name:<48} {ratio:<12.3f}  {goal(target, configured)}")
     step = results["train step          DO-Conv / Conv2D"]
     share, cold = results["fold alone          fold / Conv2D train step"], results[FOLD_COLD]
@@ -339,6 +376,11 @@ def _run_mode(keras, mode: str, args, models, x, y, configured: bool) -> list:
             f"{folded_layers} folding layers (forward and backward, alone) costs {share:.3f} of a native step, "
             f"{min(share / (step - 1), 9.99):.0%} of the difference, and {cold:.3f} "
             f"({min(cold / (step - 1), 9.99):.0%}) with the caches flushed before it"
+            + (
+                f"; with the DOConv2D folds replaced by W's first tile the step reads {results[WITHOUT_FOLD]:.3f}"
+                if WITHOUT_FOLD in results
+                else ""
+            )
         )
     return [ratio for name, ratio in results.items() if "control" in name]
 
