@@ -42,10 +42,12 @@ def strided_patches(x, kernel_size):
     """The 'same'-padded stride-1 taps ``(N, H, W, K, C)`` by strided slicing, for comparison with ops.slice."""
     import keras
 
+    from .. import core
+
     ops = keras.ops
     (kh, kw), (H, W) = kernel_size, x.shape[1:3]
-    top, left = (kh - 1) // 2, (kw - 1) // 2
-    x = ops.pad(x, ((0, 0), (top, kh - 1 - top), (left, kw - 1 - left), (0, 0)))
+    pads = core.padding_pairs("same", kernel_size, (1, 1), (1, 1), (H, W))  # the layer's own split
+    x = ops.pad(x, ((0, 0),) + pads + ((0, 0),))
     return ops.stack([x[:, i : i + H, j : j + W, :] for i in range(kh) for j in range(kw)], axis=3)
 
 
