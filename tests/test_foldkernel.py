@@ -271,6 +271,41 @@ def test_bad_parts_raise(parts, part):
         kernel.fold_rows(*valid("fold_rows"), parts, part)
 
 
+# Run in a child process with a time limit: the kernels release the GIL, so a hang would be
+# uninterruptible in-process. The child checks the results itself.
+_MANY_PARTS = """
+import sys
+sys.path.insert(0, {tests!r})
+import numpy as np
+from test_foldkernel import expected, inputs, kernel, problem
+name = {name!r}
+W, _, D_hat, G = problem(6, 4, 2, 9, 9, np.float64)
+a, b, out = inputs(name, W, D_hat, G)
+getattr(kernel, name)(a, b, out, 2, 2**62)
+np.testing.assert_allclose(out, expected(name, W, D_hat, G, 2), rtol=1e-12, atol=1e-12)
+a, b, out = inputs(name, W, D_hat, G)
+getattr(kernel, name)(a, b, out, 2, 2**62, 2**61)
+assert np.isnan(out).all(), "an empty part wrote"
+getattr(kernel, name)(a, b, out, 2, 2**62, 1)
+# Item 1: row 1, or grad_D's channel 1 of each of the 2 groups of 2 channels.
+item = [1, 3] if name == "grad_D_channels" else [1]
+np.testing.assert_allclose(out[item], expected(name, W, D_hat, G, 2)[item], rtol=1e-12, atol=1e-12)
+assert np.isnan(np.delete(out, item, axis=0)).all(), "part 1 wrote outside item 1"
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_more_parts_than_items_return_at_once(name):
+    """parts = 2**62 for a few items: the same result as one part, at once; the empty parts are not
+    walked one by one (they were, for hours, with the GIL released: a hang)."""
+    import subprocess
+
+    code = _MANY_PARTS.format(tests=os.path.dirname(__file__), name=name)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
+
+
 def test_run_names_an_unknown_kernel():
     with pytest.raises(ValueError, match=r"name must be one of fold_rows, grad_W_rows, grad_D_channels"):
         _fold_cpu.run("use_gomp_parallel", *valid("fold_rows"), threads=1, openmp=False)

@@ -614,10 +614,15 @@ static PyObject *run(const struct kernel *k, PyObject *args, PyObject *kwargs) {
     struct job j = {.range = k->range, .parts = parts};
     if (held == 3 && check(k, view, groups, &j) == 0) {
         ok = 1;
+        /* With more parts than items, part p < n is item p and the others are empty: the same pieces
+         * as n parts, so count only those, never walk the empty ones (parts = 2**62 would take
+         * forever, with the GIL released); a `part` among the empty ones has nothing to do. */
+        const int empty_part = part >= j.n;
+        if (j.parts > j.n) j.parts = j.n > 0 ? j.n : 1;
         j.next = part < 0 ? 0 : part;
-        j.end = part < 0 ? parts : part + 1;
-        const Py_ssize_t most = j.n < MAX_THREADS ? j.n : MAX_THREADS, threads = parts < most ? parts : most;
-        if (view[2].len > 0) { /* else there is nothing to write (and n may be 0) */
+        j.end = part < 0 ? j.parts : part + 1;
+        const Py_ssize_t most = j.n < MAX_THREADS ? j.n : MAX_THREADS, threads = j.parts < most ? j.parts : most;
+        if (view[2].len > 0 && !empty_part) { /* else there is nothing to write (and n may be 0) */
             Py_BEGIN_ALLOW_THREADS
             if (gomp_parallel != NULL && part < 0 && threads > 1)
                 gomp_parallel(job_worker, &j, (unsigned)threads, 0);
