@@ -336,6 +336,56 @@ def test_fold_operator_refuses_a_D_of_the_wrong_shape(D_shape, capfd):
     assert "ValueError" in printed and (f"received shape {D_shape}" in printed or f"D.shape={D_shape}" in printed)
 
 
+_BAD_ATTRIBUTES = """
+import mxnet as mx
+from mxnet import nd
+import doconv.gluon
+W, D = nd.ones((4, 2, 9)), nd.zeros((4, 9, 9))
+for attributes in {cases!r}:
+    try:
+        nd.Custom(W, D, op_type="doconv_fold", **attributes).wait_to_read()
+    except mx.base.MXNetError:
+        print("MXNetError")
+try:
+    mx.sym.Custom(mx.sym.var("w"), mx.sym.var("d"), op_type="doconv_fold", groups="2.5", K=9, D_mul=9).infer_shape(
+        w=(4, 2, 9), d=(4, 9, 9)
+    )
+except mx.base.MXNetError:
+    print("MXNetError")
+"""
+
+
+def test_fold_operator_refuses_bad_attributes_without_crashing():
+    """Attributes that are not positive integers, or unknown ones (a hand-edited exported graph, a
+    direct nd.Custom call), raise MXNetError naming them; they ended the process (MXNet does not catch
+    exceptions from a custom operator's constructor). In a child process, so that a crash shows as one."""
+    import subprocess
+    import sys
+
+    if _fold_cpu.kernel is None:
+        pytest.skip("doconv._foldkernel was not built here")
+    cases = [
+        dict(groups="a", K=9, D_mul=9),
+        dict(groups=2, K=9, D_mul=9, foo=1),
+        dict(groups=2, K=0, D_mul=9),
+        dict(groups=2, K=9, D_mul=3),
+    ]
+    done = subprocess.run(
+        [sys.executable, "-c", _BAD_ATTRIBUTES.format(cases=cases)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = done.stdout + done.stderr  # MXNet prints the operator's exception, then raises
+    assert done.stdout.splitlines().count("MXNetError") == 5, printed[-4000:]
+    for message in (
+        "groups must be a positive integer. Received: groups='a'",
+        "takes the attributes groups, K and D_mul. Received: foo",
+        "K must be a positive integer. Received: K='0'",
+        "D_mul must be >= K. Received: K=9, D_mul=3",
+        "groups must be a positive integer. Received: groups='2.5'",
+    ):
+        assert message in printed, message
+
+
 def test_training_with_trainer_reduces_the_loss(fold_impl):
     rng = np.random.default_rng(7)
     net = nn.HybridSequential()

@@ -142,13 +142,46 @@ class _FoldOp(mx.operator.CustomOp):
         self._run("grad_W_rows", G, D_hat, req[0], in_grad[0])
 
 
+def _attributes(attributes: dict) -> tuple:
+    """(groups, K, D_mul) from the operator's attributes (strings, as MXNet passes them), checked."""
+    unknown = sorted(set(attributes) - {"groups", "K", "D_mul"})
+    if unknown:
+        raise ValueError(f"doconv_fold takes the attributes groups, K and D_mul. Received: {', '.join(unknown)}")
+    values = []
+    for name in ("groups", "K", "D_mul"):
+        text = attributes.get(name, "1")
+        try:
+            value = int(text)
+        except (TypeError, ValueError):
+            value = 0
+        if value < 1 or str(value) != str(text).strip():
+            raise ValueError(f"doconv_fold: {name} must be a positive integer. Received: {name}={text!r}")
+        values.append(value)
+    groups, K, D_mul = values
+    if D_mul < K:
+        raise ValueError(f"doconv_fold: D_mul must be >= K. Received: K={K}, D_mul={D_mul}")
+    return groups, K, D_mul
+
+
 @mx.operator.register("doconv_fold")
 class _FoldProp(mx.operator.CustomOpProp):
     """Shapes and types of "doconv_fold": (W, D) -> folded (C_out, C_in/g, K), all one dtype."""
 
-    def __init__(self, groups="1", K="1", D_mul="1") -> None:
+    def __init__(self, **attributes) -> None:
         super().__init__(need_top_grad=True)
-        self._groups, self._K, self._D_mul = int(groups), int(K), int(D_mul)
+        # MXNet constructs this class from C and does not catch what it raises: an exception here
+        # ends the process. A bad attribute (a hand-edited exported graph, a direct nd.Custom call)
+        # is kept and raised from infer_shape and infer_type, which MXNet turns into an MXNetError.
+        self._groups = self._K = self._D_mul = 1
+        self._error = None
+        try:
+            self._groups, self._K, self._D_mul = _attributes(attributes)
+        except (TypeError, ValueError) as error:
+            self._error = error
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
 
     def list_arguments(self):
         return ["W", "D"]
@@ -157,15 +190,18 @@ class _FoldProp(mx.operator.CustomOpProp):
         return ["folded"]
 
     def infer_shape(self, in_shape):
+        self._check()
         W, D = in_shape
         return [W, D], [(W[0], W[1], self._K)], []
 
     def infer_type(self, in_type):
+        self._check()
         if np.dtype(in_type[0]) not in C_TYPES:
             raise ValueError(f"doconv_fold: dtype must be float32 or float64, got {np.dtype(in_type[0])}")
         return [in_type[0], in_type[0]], [in_type[0]], []
 
     def create_operator(self, ctx, in_shapes, in_dtypes):
+        self._check()
         return _FoldOp(self._groups, core.identity(self._K, self._D_mul))
 
 
