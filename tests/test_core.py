@@ -399,6 +399,20 @@ def test_bad_arguments_raise_naming_argument_and_value(call, error, message):
         call()
 
 
+def test_arguments_in_the_forms_the_native_layers_take():
+    """1-d NumPy arrays for the int tuples, and data formats in any case, as Keras, torch and Gluon take them."""
+    assert core.normalize_tuple(np.array([3, 1]), 2, "kernel_size") == (3, 1)
+    assert all(type(v) is int for v in core.normalize_tuple(np.array([2, 2], np.int32), 2, "strides"))
+    with pytest.raises(TypeError, match=r"strides entries must be integers. Received: strides=\(1.5, 2.0\)"):
+        core.normalize_tuple(np.array([1.5, 2.0]), 2, "strides")
+    with pytest.raises(TypeError, match=r"kernel_size must be an integer or a sequence of 2 integers"):
+        core.normalize_tuple(np.ones((2, 2), int), 2, "kernel_size")
+    assert core.normalize_data_format("Channels_First") == core.CHANNELS_FIRST
+    assert core.normalize_data_format("CHANNELS_LAST") == core.CHANNELS_LAST
+    with pytest.raises(ValueError, match=r"Received: data_format=None"):
+        core.normalize_data_format(None)
+
+
 @pytest.mark.parametrize(
     "W,D,groups,kernel_size,message",
     [

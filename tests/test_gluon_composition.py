@@ -155,6 +155,13 @@ def test_plan_compositions_follows_the_rule_per_layer_and_can_be_removed(compose
     with pytest.raises(ValueError, match=r"Received: input shapes \[\(2, 3, 8, 8\)\]"):
         plan_compositions(net, nd.ones((2, 3, 8, 8)))  # 3 channels where the first layer has 64
     assert [layer._planned for layer in net] == ["kernel", "feature", "kernel"]  # the plan before
+    # The last layer's (here the only layer's) own convolution refuses a wrong channel count too.
+    single = DOConv2D(64, 3, padding=1, in_channels=64)
+    single.initialize()
+    assert plan_compositions(single, nd.ones((2, 64, 16, 16))) == {single.name: "kernel"}
+    with pytest.raises(ValueError, match=r"Received: input shapes \[\(2, 3, 4, 4\)\]"):
+        plan_compositions(single, nd.ones((2, 3, 4, 4)))
+    assert single._planned == "kernel"
 
 
 def test_a_network_trained_by_composing_features_exports_and_loads_without_doconv(tmp_path, composed):

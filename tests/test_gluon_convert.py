@@ -414,3 +414,10 @@ def test_gluoncv_mobilenetv2_converts_and_fuses_exactly():
     assert sum(isinstance(b, DOConv2D) for b in blocks(do)) == len(native) > 50
     assert sum(type(b) is nn.Conv2D for b in blocks(fused)) == len(native)
     assert sorted(fused.collect_params()) == sorted(net.collect_params())
+
+
+@pytest.mark.parametrize("net", [3, "resnet", None, nd.ones((2, 2))])
+@pytest.mark.parametrize("function", [convert_model, fuse_model])
+def test_a_net_that_is_not_a_block_raises_typeerror_naming_it(function, net):
+    with pytest.raises(TypeError, match=rf"{function.__name__} needs a gluon Block as net. Received: net of type"):
+        function(net)

@@ -172,6 +172,32 @@ def test_params_round_trip_exactly_and_validate_shapes():
         get_params(DOConv2D(2, 3))
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_params_of_a_low_precision_layer_round_trip(dtype):
+    """get_params of a bfloat16 layer gives ml_dtypes arrays (NumPy kind 'V'): set_params takes them back."""
+    layer = DOConv2D(4, 3, dtype=dtype)
+    layer.build((1, 6, 6, 3))
+    rng = np.random.default_rng(4)
+    p = {name: rng.standard_normal(value.shape).astype(value.dtype) for name, value in get_params(layer).items()}
+    set_params(layer, p)
+    for name, value in get_params(layer).items():
+        assert value.dtype == p[name].dtype, name
+        np.testing.assert_array_equal(value.astype(np.float32), p[name].astype(np.float32))
+    with pytest.raises(TypeError, match=r"params\['W'\] must hold real numbers .* Received: dtype complex64"):
+        set_params(layer, {**p, "W": p["W"].astype(np.float32).astype(np.complex64)})
+
+
+def test_arguments_in_the_forms_conv2d_takes():
+    """NumPy arrays for kernel_size/strides/dilation_rate and a data_format in any case, as Conv2D takes them."""
+    layer = DOConv2D(4, np.array([3, 3]), strides=np.array([2, 1]), data_format="Channels_Last")
+    native = keras.layers.Conv2D(4, np.array([3, 3]), strides=np.array([2, 1]), data_format="Channels_Last")
+    x = np.random.default_rng(5).standard_normal((1, 7, 7, 2)).astype("float32")
+    assert tuple(layer(x).shape) == tuple(native(x).shape)
+    config = layer.get_config()
+    assert (config["kernel_size"], config["strides"], config["data_format"]) == ((3, 3), (2, 1), "channels_last")
+    json.dumps(config)  # Python ints, not NumPy's
+
+
 def test_config_round_trip():
     layer = DOConv2D(
         6,

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numbers
 from typing import Any, Sequence
 
+import numpy as np
+
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 PADDING_STRINGS = ("same", "valid")
 
@@ -74,6 +76,8 @@ def normalize_tuple(value: Any, rank: int, name: str, minimum: int = 1) -> tuple
     """
     if _is_int(value):
         return (check_int(value, name, minimum),) * rank
+    if isinstance(value, np.ndarray) and value.ndim == 1:
+        value = value.tolist()  # a 1-d NumPy array, as the native layers take it: Python numbers
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise TypeError(f"{name} must be an integer or a sequence of {rank} integers. Received: {name}={value!r}")
     if len(value) != rank:
@@ -222,15 +226,15 @@ def check_stride_dilation(strides: Sequence[int], dilation: Sequence[int]) -> No
 
 
 def normalize_data_format(data_format: Any, name: str = "data_format") -> str:
-    """Check a Keras-style data format ('channels_first' or 'channels_last').
+    """Check a Keras-style data format ('channels_first' or 'channels_last', any case, as Keras takes it).
 
     Example:
-        >>> normalize_data_format("channels_last")
+        >>> normalize_data_format("Channels_Last")
         'channels_last'
     """
-    if data_format not in (CHANNELS_FIRST, CHANNELS_LAST):
+    if not isinstance(data_format, str) or data_format.lower() not in (CHANNELS_FIRST, CHANNELS_LAST):
         raise ValueError(f"{name} must be 'channels_first' or 'channels_last'. Received: {name}={data_format!r}")
-    return data_format
+    return data_format.lower()
 
 
 def gluon_layout(layout: Any, rank: int) -> str:

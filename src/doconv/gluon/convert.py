@@ -225,6 +225,8 @@ def _replace(net, what: str, is_target, left_in, kernel_of, build, inplace: bool
     network as it was, also with ``inplace=True``. One warning names every conv-like block left
     (``left_in``) with the counts, or says that there was nothing to replace.
     """
+    if not isinstance(net, gluon.Block):
+        raise TypeError(f"{what} needs a gluon Block as net. Received: net of type {type(net).__name__}")
     target = net if inplace else _copy_block(net)
     found = _survey(target, is_target)
     plan = {}
@@ -285,6 +287,7 @@ def convert_model(
         ``inplace``, also when the call fails. Warns when there was nothing to convert.
 
     Raises:
+        TypeError: ``net`` is not a gluon Block.
         ValueError: a bad ``D_mul``; convs sharing parameters that cannot stay shared (different
             ``D_mul``, groups or layout, or a kernel shared without the bias, or with a block that
             is not converted); the message names the layers.
@@ -361,6 +364,7 @@ def fuse_model(net, inplace: bool = False):
         ``inplace``, also when the call fails. Warns when there was nothing to fuse.
 
     Raises:
+        TypeError: ``net`` is not a gluon Block.
         RuntimeError: a DOConv2D is not initialized yet.
         ValueError: DOConv2Ds share W but not D or the bias, or share a parameter with a block
             that is not fused; the message names the layers.

@@ -62,8 +62,10 @@ class DOConv2D(gluon.HybridBlock):
         activation: name of an activation applied to the output (see
             ``mxnet.ndarray.Activation``), or None (default).
         use_bias: whether the layer has a bias. Default True.
-        weight_initializer: initializer of W, computed on W's own shape; None (default)
-            uses the one given to ``initialize()``, as ``Conv2D`` does.
+        weight_initializer: initializer of W, computed on W's own shape ``(channels,
+            C_in/groups, D_mul)``; None (default) uses the one given to ``initialize()``, as
+            ``Conv2D`` does. One that needs a 4-d kernel shape (``mx.init.Bilinear``) does not
+            apply: initialize a ``Conv2D`` with it and take :meth:`from_conv`.
         bias_initializer: initializer of the bias. Default ``'zeros'``.
         in_channels: number of input channels, or 0 (default) to infer it from the first
             input (deferred initialisation).
@@ -256,7 +258,7 @@ class DOConv2D(gluon.HybridBlock):
         try:
             out = core.output_shape(spatial, self._kernel_size, self._strides, self._dilation, self._padding)
         except ValueError:
-            return False  # smaller than the kernel: the native convolution says so
+            return "kernel"  # smaller than the kernel: the native convolution says so
         positions = shape[0] * out[0] * out[1]
         C_in = int(shape[self._channel_axis(len(shape))])
         return core.training_composition(positions, C_in, self._channels, self._groups, self._K, self._D_mul)

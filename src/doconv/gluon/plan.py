@@ -72,7 +72,11 @@ def plan_compositions(net, *inputs) -> dict:
     ]
     shapes = {name: tuple(int(n) for n in x.shape) for name, x in zip(names, inputs)}
     try:
-        net(*[symbol.var(name) for name in names])
+        outputs = net(*[symbol.var(name) for name in names])
+        # The whole graph first: a layer's own input shape says nothing of whether its convolution
+        # takes it (a wrong number of channels is found only past the layer).
+        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        symbol.Group([out for out in outputs if isinstance(out, symbol.Symbol)]).infer_shape_partial(**shapes)
         inferred = [(layer, x.infer_shape_partial(**shapes)[1]) for layer, x in seen]
     except mx.base.MXNetError as err:
         raise ValueError(

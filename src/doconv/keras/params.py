@@ -12,7 +12,10 @@ from collections.abc import Mapping
 import numpy as np
 
 from .. import core
+from .._optional import require
 from .layers import DO_LAYERS, DOConv2D, DOSeparableConv2D, _numpy, ops
+
+keras = require("keras", "doconv.keras", "keras", "Keras 3")
 
 
 def _check_layer(layer) -> None:
@@ -86,6 +89,13 @@ def get_params(layer) -> dict:
     }
 
 
+def _extended_float(dtype: np.dtype) -> bool:
+    try:
+        return keras.backend.is_float_dtype(keras.backend.standardize_dtype(dtype))
+    except ValueError:  # a dtype Keras does not know
+        return False
+
+
 def _checked(layer, name: str, value, shape):
     """``value`` as an array of ``shape`` holding real numbers, or the error that says what is wrong."""
     if value is None:
@@ -95,7 +105,9 @@ def _checked(layer, name: str, value, shape):
             array = np.asarray(value)
         except Exception as err:  # ragged lists, tensors that refuse conversion: say which entry
             raise TypeError(f"params[{name!r}] cannot be read as an array: {err}. Received: {value!r}"[:500]) from None
-        if array.dtype.kind not in "iuf":
+        # bfloat16 and the float8 types (ml_dtypes, as get_params returns them for such layers) are
+        # NumPy kind 'V': Keras' own dtype names say which of those are floats.
+        if array.dtype.kind not in "iuf" and not _extended_float(array.dtype):
             raise TypeError(
                 f"params[{name!r}] must hold real numbers (an integer or floating dtype). Received: dtype {array.dtype}"
             )
