@@ -458,10 +458,50 @@ def test_load_a_plain_conv_state_dict():
     layer.load_state_dict(conv.state_dict())
     x = torch.randn(2, 4, 7, 7)
     torch.testing.assert_close(layer(x), conv(x), rtol=1e-5, atol=1e-6)
+    # A size mismatch as nn.Module reports one: a RuntimeError after the whole walk, naming the key.
     with pytest.raises(
-        ValueError, match=r"weight must have shape \(6, 2, 3, 3\).*Received: weight.shape=\(6, 2, 5, 5\)"
+        RuntimeError,
+        match=r"size mismatch for weight: .* shape \(6, 2, 3, 3\)\. Received: weight.shape=\(6, 2, 5, 5\)",
     ):
         layer.load_state_dict(nn.Conv2d(4, 6, 5, groups=2).state_dict())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_assign_a_plain_conv_checkpoint_into_a_meta_built_layer(dtype):
+    """The large-model pattern: build on the meta device, load_state_dict(assign=True) a plain conv's
+    checkpoint; W, D and the identity take the checkpoint's dtype and device, as nn.Conv2d's weight does."""
+    conv = nn.Conv2d(4, 6, 3, padding=1).to(dtype)
+    with torch.device("meta"):
+        layer = DOConv2d(4, 6, 3, padding=1, D_mul=11)
+    layer.load_state_dict(conv.state_dict(), assign=True)
+    assert {t.dtype for t in (layer.W, layer.D, layer.bias, layer.identity)} == {dtype}
+    assert not any(t.is_meta for t in (layer.W, layer.D, layer.identity))
+    x = torch.randn(2, 4, 7, 7, dtype=dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), conv(x), rtol=2e-2, atol=2e-2)
+        assert bool(torch.isfinite(layer.W).all())  # the columns past the tile: a fresh init, not meta's nothing
+
+
+def test_loading_a_plain_conv_over_non_finite_W_gives_a_finite_layer():
+    """to_empty() leaves whatever memory held in W: the columns a plain kernel does not set meet a zero
+    identity, and NaN there made every output NaN (NaN * 0)."""
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    layer = DOConv2d(4, 6, 3, padding=1, D_mul=11)
+    with torch.no_grad():
+        layer.W.fill_(float("nan"))
+    layer.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 4, 7, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), conv(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_complex_conv_converts_with_its_imaginary_part():
+    conv = nn.Conv2d(3, 4, 3, padding=1, dtype=torch.complex64)
+    layer = DOConv2d.from_conv(conv)
+    x = torch.randn(1, 3, 6, 6, dtype=torch.complex64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), conv(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(convert_model(nn.Sequential(conv))(x), conv(x), rtol=1e-5, atol=1e-5)
 
 
 def original_checkpoint(layer, seed=0):
@@ -553,6 +593,8 @@ def test_convert_model_D_mul_forms():
     assert type(chosen.heads["a"]) is nn.Conv2d and chosen.stem.D_mul == 18
     with pytest.raises(ValueError, match=r"D_mul must be positive. Received: D_mul=0"):
         convert_model(model, D_mul=0)
+    with pytest.raises(ValueError, match=r"^'stem': D_mul must be at least .* Received: D_mul=2"):
+        convert_model(model, D_mul=lambda name, conv: 2)  # a callable's refused value: the message names the layer
 
 
 def test_convert_model_failure_leaves_the_model_untouched():

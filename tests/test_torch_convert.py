@@ -482,6 +482,9 @@ def test_set_params_is_strict_and_leaves_the_layer_as_it_was_on_failure():
         (dict(good, Bias=good["bias"]), ValueError, r"unknown entries \['Bias'\]"),
         ({"D": good["D"], "bias": good["bias"]}, ValueError, r"params\['W'\] must have shape \(4, 3, 10\)"),
         (dict(good, D=[[1, 2], [3]]), TypeError, r"params\['D'\] must be an array of numbers"),
+        (dict(good, W=good["W"].astype(np.longdouble)), TypeError, r"params\['W'\] has a dtype torch cannot hold"),
+        (dict(good, W=torch.from_numpy(good["W"]).to_sparse()), TypeError, r"params\['W'\] must be a dense tensor"),
+        (dict(good, W=torch.empty(4, 3, 10, device="meta")), TypeError, r"params\['W'\] must be a dense tensor"),
         ([("W", good["W"])], TypeError, r"params must be a dict"),
     ]
     for params, error, match in bad:

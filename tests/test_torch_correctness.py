@@ -206,6 +206,39 @@ def test_cached_kernels_does_not_serve_forwards_that_need_gradients():
     assert layer.W.grad is not None
 
 
+def test_cached_kernels_folds_the_tensors_in_W_and_D_s_place():
+    """functional_call's substitutes and a new Parameter are other factors: folded, not the cached kernel."""
+    layer = moved(DOConv2d(3, 4, 3, padding=1)).eval()
+    x = torch.randn(1, 3, 5, 5)
+    other = {name: torch.randn_like(p) for name, p in layer.named_parameters()}
+    with torch.no_grad():
+        want = torch.func.functional_call(layer, other, (x,))
+        own = layer(x)
+        with cached_kernels(layer):
+            layer(x)  # caches the kernel of the layer's own W and D
+            torch.testing.assert_close(torch.func.functional_call(layer, other, (x,)), want)
+            torch.testing.assert_close(layer(x), own)  # its own factors again
+            layer.W = nn.Parameter(other["W"].clone())
+            layer.D = nn.Parameter(other["D"].clone())
+            layer.bias = nn.Parameter(other["bias"].clone())
+            torch.testing.assert_close(layer(x), want)
+
+
+def test_a_kernel_cached_under_inference_mode_serves_a_later_input_gradient():
+    """A frozen net: a validation pass under inference_mode, then an input-gradient pass, in one block."""
+    layer = moved(DOConv2d(3, 4, 3, padding=1)).requires_grad_(False)
+    x = torch.randn(1, 3, 5, 5)
+    x_grad = x.clone().requires_grad_()
+    layer(x_grad).sum().backward()
+    want = x_grad.grad
+    with cached_kernels(layer):
+        with torch.inference_mode():
+            layer(x)
+        x_grad = x.clone().requires_grad_()
+        layer(x_grad).sum().backward()
+    torch.testing.assert_close(x_grad.grad, want)
+
+
 def test_cached_kernels_from_two_threads_entering_and_leaving():
     from doconv.torch import cache
 
@@ -346,6 +379,38 @@ def test_hessian_vector_product_equals_the_einsum_folds(monkeypatch, path):
     for got, want in zip(hvp(folding._fold_fast), hvp(fold)):
         assert float(want.abs().max()) > 0
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("path", ["C kernel", "NumPy"])
+def test_forward_mode_derivatives_equal_the_einsum_folds(monkeypatch, path):
+    """torch.func.jvp / jacfwd / hessian and torch.autograd.forward_ad through the fast fold, as through fold."""
+    if path == "NumPy":
+        monkeypatch.setattr(folding, "_foldkernel", None)
+    elif folding._foldkernel is None:
+        pytest.skip("doconv._foldkernel was not built here")
+    W, D, identity, shape = _fold_inputs(groups=2, C_in=6, C_out=4, K=4, D_mul=5)
+    W, D = W.detach(), D.detach()
+    tangents = (torch.randn_like(W), torch.randn_like(D))
+    for W_t, D_t in (tangents, (tangents[0], torch.zeros_like(D)), (torch.zeros_like(W), tangents[1])):
+        got = torch.func.jvp(lambda W, D: folding._fold_fast(W, D, identity, 2, shape), (W, D), (W_t, D_t))
+        want = torch.func.jvp(lambda W, D: fold(W, D, identity, 2, shape), (W, D), (W_t, D_t))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    import torch.autograd.forward_ad as forward_ad
+
+    with forward_ad.dual_level():  # a tangent on W only: D's is None inside the Function
+        dual = folding._fold_fast(forward_ad.make_dual(W, tangents[0]), D, identity, 2, shape)
+        torch.testing.assert_close(forward_ad.unpack_dual(dual).tangent, fold(tangents[0], D, identity, 2, shape))
+
+    def loss(fn):
+        return lambda W, D: fn(W, D, identity, 2, shape).pow(3).sum()
+
+    for got, want in zip(
+        torch.func.hessian(loss(folding._fold_fast), argnums=(0, 1))(W, D),
+        torch.func.hessian(loss(fold), argnums=(0, 1))(W, D),
+    ):
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_torch_func_grad_and_per_sample_gradients_with_vmap(cpu_path):

@@ -22,13 +22,14 @@ Tensor = torch.Tensor
 
 
 class _Entry:
-    """One layer's cache: how many contexts hold it open, and the kernel once folded."""
+    """One layer's cache: how many contexts hold it open, the kernel once folded, and its factors."""
 
-    __slots__ = ("depth", "kernel", "lock")
+    __slots__ = ("depth", "kernel", "factors", "lock")
 
     def __init__(self) -> None:
         self.depth = 0
         self.kernel: Optional[Tensor] = None
+        self.factors: tuple = ()  # the W and D tensors the kernel was folded from
         self.lock = threading.Lock()  # one fold per layer, whichever thread asks first
 
 
@@ -48,9 +49,10 @@ def cached_kernels(model: nn.Module) -> Iterator[nn.Module]:
     fold as always. Leaving the outermost block on a layer drops its kernel. Safe to nest and to
     use from several threads; the cache is shared by every thread using the model meanwhile.
 
-    Inside the block, changes to W and D (an optimizer step, ``load_state_dict``, writes into
-    them) are not seen by gradient-free forwards; ``.to()`` to another dtype or device is (the
-    kernel is folded again). To deploy, fuse instead: :func:`doconv.torch.fuse_model` gives the
+    Inside the block, changes to the values of W and D (an optimizer step, ``load_state_dict``,
+    writes into them) are not seen by gradient-free forwards; other tensors in their place are (a
+    new Parameter, ``torch.func.functional_call``, ``.to()`` to another dtype or device: the
+    kernel is folded again from them). To deploy, fuse instead: :func:`doconv.torch.fuse_model` gives the
     native network with no DO-Conv left.
 
     Args:
@@ -100,10 +102,17 @@ def cached_kernel(layer: nn.Module, fold: Callable[[], Tensor]) -> Optional[Tens
         entry = _OPEN.get(layer)
     if entry is None:
         return None
-    W = layer.W
+    W, D = layer.W, layer.D
     with entry.lock:
         kernel = entry.kernel
-        if kernel is None or kernel.dtype != W.dtype or kernel.device != W.device:
-            with torch.no_grad():
+        # Other tensors in W's or D's place (a new Parameter, torch.func.functional_call's
+        # substitutes, .to() with swapped parameters) are other factors: fold theirs. Compared by
+        # identity while the entry holds them, so no id can be reused meanwhile.
+        same = len(entry.factors) == 2 and entry.factors[0] is W and entry.factors[1] is D
+        if kernel is None or not same or kernel.dtype != W.dtype or kernel.device != W.device:
+            # A normal tensor even under inference_mode: a later forward in the block may need a
+            # gradient with respect to its input, and an inference tensor cannot be saved for one.
+            with torch.inference_mode(False), torch.no_grad():
                 kernel = entry.kernel = fold()
+            entry.factors = (W, D)
     return kernel

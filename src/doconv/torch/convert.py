@@ -26,7 +26,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from .. import core
-from .layers import _DOCONV, _NATIVE, _constructor_arguments, _DOConvNd, _numpy
+from .layers import _DOCONV, _NATIVE, ConvError, _constructor_arguments, _DOConvNd, _numpy
 
 nn = torch.nn
 
@@ -216,7 +216,10 @@ def _build(site: _Site, direction: _Direction) -> nn.Module:
     source = _plain_twin(site, direction) if site.baked else site.module
     if direction is _FUSE:
         return source.fuse()
-    return _DOCONV_OF[type(source)].from_conv(source, D_mul=site.D_mul)
+    try:
+        return _DOCONV_OF[type(source)].from_conv(source, D_mul=site.D_mul)
+    except ConvError as err:  # a D_mul (say, from the user's callable) this layer refuses: say which layer
+        raise ConvError(f"{_shown(site.name)}: {err}") from None
 
 
 def _carry_hooks(site: _Site, memo: Optional[dict]) -> None:
@@ -622,6 +625,11 @@ def _real_array(value, name: str) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         if value.is_complex() or value.dtype == torch.bool:
             raise TypeError(f"params[{name!r}] must hold real numbers. Received: a tensor of dtype {value.dtype}")
+        if value.is_meta or value.layout != torch.strided:
+            raise TypeError(
+                f"params[{name!r}] must be a dense tensor holding values. Received: a tensor on device "
+                f"{value.device} with layout {value.layout}"
+            )
         return _numpy(value)
     if isinstance(value, (str, bytes)):
         raise TypeError(f"params[{name!r}] must be an array of numbers. Received: {type(value).__name__} {value!r}")
@@ -631,6 +639,8 @@ def _real_array(value, name: str) -> np.ndarray:
         raise TypeError(f"params[{name!r}] must be an array of numbers. Received: {type(value).__name__}") from err
     if array.dtype.kind not in "fiu":
         raise TypeError(f"params[{name!r}] must hold real numbers. Received: an array of dtype {array.dtype}")
+    if array.dtype.itemsize > 8:  # float128: no torch dtype holds it
+        raise TypeError(f"params[{name!r}] has a dtype torch cannot hold. Received: an array of dtype {array.dtype}")
     return array
 
 

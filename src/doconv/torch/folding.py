@@ -117,6 +117,23 @@ def _fold_vjp(grad: Tensor, W: Tensor, D_hat: Tensor, groups: int, need_W: bool,
     return grad_W, grad_D
 
 
+def _fold_jvp(W: Tensor, D_hat: Tensor, W_t: Optional[Tensor], D_t: Optional[Tensor], groups: int) -> Tensor:
+    """The fold's forward-mode derivative, W_t·(D + I) + W·D_t, in differentiable torch ops."""
+    C_out, C_in_g, D_mul = W.shape
+    K = D_hat.shape[1]
+
+    def product(W: Tensor, D: Tensor) -> Tensor:
+        Wg = W.reshape(groups, C_out // groups, C_in_g, D_mul)
+        return torch.einsum("gocs,gcks->gock", Wg, D.reshape(groups, C_in_g, K, D_mul)).reshape(C_out, C_in_g, K)
+
+    tangent = torch.zeros((C_out, C_in_g, K), dtype=W.dtype, device=W.device)
+    if W_t is not None:
+        tangent = tangent + product(W_t, D_hat)
+    if D_t is not None:
+        tangent = tangent + product(W, D_t)
+    return tangent
+
+
 class _FoldCPU(torch.autograd.Function):
     """Kernel composition and its gradients on CPU (see the note above).
 
@@ -152,7 +169,14 @@ class _FoldCPU(torch.autograd.Function):
     def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
         W, D, identity, groups = inputs
         ctx.save_for_backward(W, D, identity)
+        ctx.save_for_forward(W, D, identity)
         ctx.groups = groups
+
+    @staticmethod
+    def jvp(ctx, W_t: Optional[Tensor], D_t: Optional[Tensor], identity_t, groups_t) -> Tensor:
+        """Forward-mode AD (``torch.func.jvp``, ``jacfwd``, ``hessian``), as through :func:`fold`."""
+        W, D, identity = ctx.saved_tensors
+        return _fold_jvp(W, D + identity, W_t, D_t, ctx.groups)
 
     @staticmethod
     def vmap(info, in_dims: tuple, W: Tensor, D: Tensor, identity: Tensor, groups: int) -> tuple:

@@ -22,9 +22,10 @@ _NATIVE = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
 def _numpy(tensor: Tensor) -> np.ndarray:
-    """A CPU NumPy copy; half and bfloat16 go through float32 (exactly)."""
+    """A CPU NumPy copy; half and bfloat16 go through float32 (exactly), other dtypes (complex
+    included) as they are."""
     tensor = tensor.detach().cpu()
-    if tensor.dtype not in (torch.float32, torch.float64):
+    if tensor.dtype in (torch.float16, torch.bfloat16):
         tensor = tensor.float()
     return tensor.numpy().copy()
 
@@ -153,11 +154,17 @@ class _DOConvNd(nn.Module):
 
     def _reset_identity(self) -> None:
         """Write the identity into its buffer: after ``to_empty()`` (a model built on the meta device)
-        it holds whatever the new memory held, and it is in no state_dict to be loaded from."""
+        it holds whatever the new memory held, and it is in no state_dict to be loaded from. After
+        ``load_state_dict(assign=True)`` W may be on another device or dtype than the buffer (a model
+        built on the meta device again): the buffer follows W."""
         if self.identity is not None:
             K, D_mul = self.identity.shape
+            identity = torch.as_tensor(core.identity(K, D_mul))
+            if self.W.device != self.identity.device or self.W.dtype != self.identity.dtype:
+                self.identity = identity.to(device=self.W.device, dtype=self.W.dtype)
+                return
             with torch.no_grad():
-                self.identity.copy_(torch.as_tensor(core.identity(K, D_mul)))
+                self.identity.copy_(identity)
 
     def reset_parameters(self) -> None:
         """W: nn.Conv's default init computed on W's own shape; D: zeros; bias: nn.Conv's default
@@ -434,27 +441,44 @@ class _DOConvNd(nn.Module):
 
     # -- state_dict compatibility --------------------------------------------------------------
 
+    def _W_to_embed_in(self) -> Tensor:
+        """W's values, for the columns of W that a plain kernel does not set (core.embed_kernel): W
+        itself, or a fresh initialisation where it holds none (the meta device) or non-finite ones
+        (to_empty()'s memory), which the zero identity there would turn into NaN (NaN · 0)."""
+        W = self.W.detach()
+        if W.is_meta or not bool(torch.isfinite(W).all()):
+            W = torch.empty(tuple(W.shape), dtype=W.dtype, device="cpu" if W.is_meta else W.device)
+            nn.init.kaiming_uniform_(W, a=math.sqrt(5))
+        return W
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errs):
         """Also accept a plain conv's ``weight`` and the original DO-Conv code's ``D_diag``."""
         weight_key, W_key, D_key = prefix + "weight", prefix + "W", prefix + "D"
         if weight_key in state_dict and W_key not in state_dict:
             kernel = state_dict.pop(weight_key)
             if tuple(kernel.shape) != tuple(self._kernel_shape):
-                raise ValueError(
-                    f"{prefix}weight must have shape {tuple(self._kernel_shape)} to load into this {self._name()}. "
-                    f"Received: weight.shape={tuple(kernel.shape)}"
+                # As nn.Module reports a size mismatch: collected, raised as one RuntimeError at the end.
+                errs.append(
+                    f"size mismatch for {weight_key}: a {self._name()} needs a kernel of shape "
+                    f"{tuple(self._kernel_shape)}. Received: weight.shape={tuple(kernel.shape)}"
                 )
-            state_dict[W_key] = torch.from_numpy(core.embed_kernel(_numpy(kernel), _numpy(self.W)))
-            if self.D is not None:
-                state_dict[D_key] = torch.zeros_like(self.D)
+            else:
+                # The tensors are made as the checkpoint's (dtype, device): what assign=True keeps;
+                # without it, copying into W and D converts them as for any parameter.
+                like = {"dtype": kernel.dtype, "device": kernel.device}
+                W = torch.from_numpy(core.embed_kernel(_numpy(kernel), _numpy(self._W_to_embed_in())))
+                state_dict[W_key] = W.to(**like)
+                if self.D is not None:
+                    state_dict[D_key] = torch.zeros(tuple(self.D.shape), **like)
         for diag_key in (prefix + "D_diag", prefix + "d_diag"):
             if diag_key in state_dict:
                 diag = state_dict.pop(diag_key)
                 if W_key in state_dict and D_key in state_dict:
+                    D = state_dict[D_key]
                     params = core.from_reference_pytorch(
-                        _numpy(state_dict[W_key]), _numpy(state_dict[D_key]), _numpy(diag), self.groups
+                        _numpy(state_dict[W_key]), _numpy(D), _numpy(diag), self.groups
                     )
-                    state_dict[D_key] = torch.from_numpy(params["D"])
+                    state_dict[D_key] = torch.from_numpy(params["D"]).to(dtype=D.dtype, device=D.device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errs)
         self._reset_identity()  # loading is how a model made with to_empty() gets its values
 
