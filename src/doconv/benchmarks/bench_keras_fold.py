@@ -1,10 +1,11 @@
 """The Keras DOConv2D fold alone, forward and gradient: ``doconv.keras.fold`` against the plain einsum.
 
-Times ``fold_kernel`` (the layers' fold) and ``ops.einsum("ksc,sco->kco")`` (what they ran
-before) on the Keras backend in use, alternating in every repeat, for ResNet-sized 3x3 layers
-and a grouped one; prints the median time of each and the median per-repeat ratio, and the
-TensorFlow graph's op counts (``Transpose`` nodes: W-sized copies; an ``Einsum`` node makes its
-own copies inside its kernel). On tensorflow ``--modes graph,xla`` runs both ``tf.function``
+Times ``fold_kernel`` (the layers' fold), ``ops.einsum("ksc,sco->kco")`` (what they ran
+before) and, for one group, the fold as a depthwise convolution (no transposed copy at all; not
+used, as it shows) on the Keras backend in use, alternating in every repeat, for ResNet-sized 3x3
+layers and a grouped one; prints the median time of each and the median per-repeat ratios, and
+the TensorFlow graph's op counts (``Transpose`` nodes: W-sized copies; an ``Einsum`` node makes
+its own copies inside its kernel). On tensorflow ``--modes graph,xla`` runs both ``tf.function``
 without and with ``jit_compile``; on jax the functions are ``jax.jit``-ed; on torch, eager.
 
 Run: ``KERAS_BACKEND=jax python -m doconv.benchmarks.bench_keras_fold [--quick]``.
@@ -98,6 +99,32 @@ def alternating_times(steps: dict, inputs: dict, repeats: int, calls: int) -> di
     return times
 
 
+def _median_ratio(a, b) -> float:
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+def fold_as_depthwise_conv(D_hat, W, groups: int):
+    """The one-group fold as a depthwise convolution, with no transposed copy of anything.
+
+    D + I ``(K, D_mul, C_in)`` is a batch of K images of D_mul x 1 pixels and C_in channels; W
+    ``(D_mul, C_in, C_out)`` is, as it lies, a D_mul x 1 depthwise filter with channel multiplier
+    C_out. A 'valid' depthwise convolution sums over the D_mul rows per channel c, and its output
+    ``(K, 1, 1, C_in·C_out)`` is the HWIO kernel ``(K, C_in, C_out)`` without a copy. The
+    backends' depthwise kernels are written for small channel multipliers, which is why the layers
+    do not fold this way (the ``depthwise_conv`` column).
+    """
+    if groups != 1:
+        raise ValueError(f"fold_as_depthwise_conv folds one group only. Received: groups={groups}")
+    import keras
+
+    K, D_mul, C_in = D_hat.shape
+    C_out = W.shape[-1]
+    images = keras.ops.reshape(D_hat, (K, D_mul, 1, C_in))
+    kernel = keras.ops.reshape(W, (D_mul, 1, C_in, C_out))
+    out = keras.ops.depthwise_conv(images, kernel, strides=1, padding="valid", data_format="channels_last")
+    return keras.ops.reshape(out, (K, C_in, C_out))
+
+
 def _graph_ops(step, args) -> str:
     types = [op.type for op in step.get_concrete_function(*args).graph.get_operations()]
     return f"{len(types)} ops, {types.count('Transpose')} Transpose, {types.count('Einsum')} Einsum"
@@ -115,7 +142,7 @@ def main(argv=None) -> int:
     Example:
         >>> main(["--quick"])  # doctest: +ELLIPSIS
         fold + gradient, keras ... backend tensorflow, ...
-        graph 3x3 16->16 groups=1: einsum ... ms, fold_kernel ... ms, fold_kernel / einsum ...
+        graph 3x3 16->16 groups=1: einsum ... ms, fold_kernel ... ms, ... fold_kernel / einsum ...
         ...
         0
     """
@@ -126,7 +153,8 @@ def main(argv=None) -> int:
     ops = keras.ops
     sizes = ((16, 16, 1), (16, 16, 4)) if args.quick else SIZES
     print(f"fold + gradient, keras {keras.__version__}, backend {backend}, median of {repeats} repeats (ms)")
-    variants = {"einsum": _fold_einsum, "fold_kernel": fold_kernel}  # the einsum: what the layers ran before
+    # The einsum: what the layers ran before; the depthwise convolution: a fold without copies, one group only.
+    variants = {"einsum": _fold_einsum, "fold_kernel": fold_kernel, "depthwise_conv": fold_as_depthwise_conv}
     rng = np.random.default_rng(0)
     for mode in modes:
         for C_in, C_out, groups in sizes:
@@ -138,17 +166,21 @@ def main(argv=None) -> int:
             steps = {
                 name: gradient_step(backend, mode, lambda D_hat, W, f=fold, g=groups: f(D_hat, W, g))
                 for name, fold in variants.items()
+                if groups == 1 or fold is not fold_as_depthwise_conv
             }
             grads = {name: [ops.convert_to_numpy(g) for g in step(*args_)] for name, step in steps.items()}
-            for new, ref in zip(grads["fold_kernel"], grads["einsum"]):
-                np.testing.assert_allclose(new, ref, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(ref))))
+            for name in steps:
+                for new, ref in zip(grads[name], grads["einsum"]):
+                    np.testing.assert_allclose(new, ref, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(ref))))
             calls = 20 if C_in * C_out < 512 * 512 else 5
             times = alternating_times(steps, {name: args_ for name in steps}, repeats, calls)
-            ratio = statistics.median(a / b for a, b in zip(times["fold_kernel"], times["einsum"]))
             line = f"{mode} 3x3 {C_in}->{C_out} groups={groups}: " + ", ".join(
                 f"{name} {statistics.median(t):.2f} ms" for name, t in times.items()
             )
-            print(f"{line}, fold_kernel / einsum {ratio:.2f}")
+            ratios = [("fold_kernel", "einsum")]
+            if "depthwise_conv" in times:
+                ratios.append(("depthwise_conv", "fold_kernel"))
+            print(line + "".join(f", {a} / {b} {_median_ratio(times[a], times[b]):.2f}" for a, b in ratios))
             if mode == "graph":
                 print("    graph: " + "; ".join(f"{n} {_graph_ops(s, args_)}" for n, s in steps.items()))
     return 0

@@ -13,9 +13,11 @@ its operands inside its kernel, where the graph does not show them. Measured on 
 forward plus gradient for 3x3 512->512: einsum 17.9 ms, this 10.6 ms (TF graph); 18.9 / 12.0 ms
 (XLA); 30.9 / 15.8 ms (jax) (``python -m doconv.benchmarks.bench_keras_fold``; docs/keras.rst).
 
-The transposes that remain are a consequence of the two layouts, not of the formulation: a
-multiply-and-sum over s needs none, but materialises K x W outside XLA and was 2-12x slower on
-every backend; storing W as ``(C_in/g, D_mul, C_out)`` would save the two transposes of W and of
+The transposes that remain are the batched matmul's price for the two layouts: a multiply-and-sum
+over s needs none, but materialises K x W outside XLA and was 2-12x slower on every backend; a
+depthwise convolution needs none either (D_hat as K images of D_mul x 1 pixels, W as their filter
+with channel multiplier C_out), but the backends' depthwise kernels are made for small multipliers
+and it was 3-63x slower (bench_keras_fold's ``depthwise_conv``); storing W as ``(C_in/g, D_mul, C_out)`` would save the two transposes of W and of
 its gradient (about a quarter of the fold on tensorflow and jax), at the price of a change of the
 checkpoint layout (DESIGN.md pins the Keras W layout).
 
