@@ -17,9 +17,10 @@ The transposes that remain are the batched matmul's price for the two layouts: a
 over s needs none, but materialises K x W outside XLA and was 2-12x slower on every backend; a
 depthwise convolution needs none either (D_hat as K images of D_mul x 1 pixels, W as their filter
 with channel multiplier C_out), but the backends' depthwise kernels are made for small multipliers
-and it was 3-63x slower (bench_keras_fold's ``depthwise_conv``); storing W as ``(C_in/g, D_mul, C_out)`` would save the two transposes of W and of
-its gradient (about a quarter of the fold on tensorflow and jax), at the price of a change of the
-checkpoint layout (DESIGN.md pins the Keras W layout).
+and it was 3-63x slower (bench_keras_fold's ``depthwise_conv``). Storing W as
+``(C_in/g, D_mul, C_out)`` would save the two transposes of W and of its gradient (about a quarter
+of the fold on tensorflow and jax), at the price of a change of the checkpoint layout (DESIGN.md
+pins the Keras W layout).
 
 The torch backend keeps the einsum (:func:`_fold_einsum`): torch runs it as this same bmm on
 strided views, measured as fast, and Keras' torch matmul would fold float64 layers in float32.
