@@ -168,6 +168,33 @@ def test_demo_unwritable_output_fails_before_training(demo_deps, capsys, tmp_pat
     assert blocker.read_text() == "not a folder"
 
 
+@needs_torch
+def test_demo_refuses_a_special_file_in_an_artefact_s_place_before_training(demo_deps, capsys, tmp_path):
+    """A folder named results.json failed the publish after training, half the artefacts replaced."""
+    (tmp_path / "results.json").mkdir()
+    (tmp_path / "notes.txt").write_text("mine")
+    status, out, err = run_cli(capsys, "demo", "--out", tmp_path, "--seeds", "1", "--epochs", "1")
+    assert_usage_error(status, err, "holds results.json, which is a folder")
+    assert "seed 0" not in out + err  # before training
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt", "results.json"]
+
+
+def test_demo_publish_checks_every_destination_first(tmp_path):
+    from doconv.demo.output import publish
+    from doconv.demo.settings import DemoError
+
+    staging, out = tmp_path / "staging", tmp_path / "out"
+    staging.mkdir()
+    out.mkdir()
+    for name in ("a.pt", "b.json"):
+        (staging / name).write_text("new")
+    (out / "a.pt").write_text("old")
+    (out / "b.json").mkdir()
+    with pytest.raises(DemoError, match=r"holds b.json, which is a folder"):
+        publish(str(staging), str(out))
+    assert (out / "a.pt").read_text() == "old"  # nothing moved
+
+
 # -- fuse ------------------------------------------------------------------------------------------
 
 
@@ -274,6 +301,34 @@ def test_fuse_non_square_kernel_needs_its_size(checkpoint, tmp_path, capsys):
     status, _, err = run_cli(capsys, "fuse", path, "-o", tmp_path / "out.pt", "--kernel-size", "wide=1by3")
     assert_usage_error(status, err, "--kernel-size wants [LAYER=]SIZE")
     assert not (tmp_path / "out.pt").exists()
+
+
+@needs_torch
+@pytest.mark.parametrize("rank", [1, 3])
+def test_fuse_gives_1x1_layers_the_rank_of_the_network(rank, tmp_path, capsys):
+    """A Conv1d/Conv3d network's 1x1 layer (no D) folds to a 1 / 1x1x1 kernel, with or without a size
+    for all layers (which is for the layers with D: a 1-tap layer refused it)."""
+    import torch
+
+    from doconv.torch import DOConv1d, DOConv3d
+
+    layer = {1: DOConv1d, 3: DOConv3d}[rank]
+    native = {1: torch.nn.Conv1d, 3: torch.nn.Conv3d}[rank]
+    model = torch.nn.Sequential(layer(2, 3, 3), layer(3, 4, 1))
+    with torch.no_grad():
+        model[0].D.normal_()
+    path = tmp_path / "doconv.pt"
+    torch.save(model.state_dict(), path)
+    plain = torch.nn.Sequential(native(2, 3, 3), native(3, 4, 1))
+    x = torch.randn(1, 2, *(5,) * rank)
+    for i, size in enumerate(["x".join(["3"] * rank)] * 2):
+        out = tmp_path / f"out{i}.pt"
+        extra = ["--kernel-size", size] if i else ["--kernel-size", f"0={size}"]
+        status, _, err = run_cli(capsys, "fuse", path, "-o", out, *extra)
+        assert status == 0, err
+        plain.load_state_dict(torch.load(out, weights_only=True))
+        with torch.no_grad():
+            torch.testing.assert_close(plain(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 @needs_torch

@@ -8,6 +8,7 @@ signals only once the temporary file holds data, so the test does not depend on 
 import os
 import signal
 import stat
+import struct
 import subprocess
 import sys
 
@@ -207,3 +208,42 @@ def test_signal_handlers_are_restored_and_an_ignored_signal_stays_ignored():
         assert signal.getsignal(signal.SIGTERM) == before
     finally:
         signal.signal(signal.SIGINT, previous_int)
+
+
+def test_force_keeps_the_permissions_of_the_file_it_replaces(capsys, checkpoint, tmp_path):
+    """Renaming a new file over the old one would give it 0o666 less the umask: a private output stayed private
+    only when written into, so the replacement takes the old file's permission bits."""
+    output = tmp_path / "private.pt"
+    output.write_bytes(b"old")
+    output.chmod(0o600)
+    status, _, err = fuse(capsys, checkpoint, output, "--force")
+    assert status == 0, err
+    assert stat.S_IMODE(output.stat().st_mode) == 0o600
+    assert output.read_bytes() != b"old"
+
+
+@pytest.mark.parametrize("output", ["newdir/", ""])
+def test_an_output_naming_a_folder_is_refused(capsys, checkpoint, tmp_path, monkeypatch, output):
+    monkeypatch.chdir(tmp_path)
+    status, _, err = fuse(capsys, checkpoint, output)
+    assert_one_line_error(status, err, f"output {output!r} names a folder; give a file name")
+    assert sorted(os.listdir(tmp_path)) == ["doconv.pt"]
+
+
+def test_a_damaged_checkpoint_is_refused(capsys, checkpoint, tmp_path):
+    """torch.load does not check the archive's checksums: flipped bytes in a tensor loaded as garbage."""
+    import zipfile
+
+    data = bytearray(checkpoint.read_bytes())
+    with zipfile.ZipFile(checkpoint) as zf:
+        member = next(info for info in zf.infolist() if "/data/" in info.filename and info.file_size >= 64)
+    # The member's data follows its local header (30 bytes, then its name and extra field, whose lengths
+    # the header gives: the extra field pads for alignment and differs from the central directory's).
+    name_length, extra_length = struct.unpack("<HH", data[member.header_offset + 26 : member.header_offset + 30])
+    start = member.header_offset + 30 + name_length + extra_length
+    data[start : start + 16] = bytes(b ^ 0xFF for b in data[start : start + 16])
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(bytes(data))
+    status, _, err = fuse(capsys, damaged, tmp_path / "out.pt")
+    assert_one_line_error(status, err, f"{damaged} is damaged: its entry")
+    assert not (tmp_path / "out.pt").exists()

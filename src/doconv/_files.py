@@ -53,8 +53,9 @@ def special_kind(path: str) -> Optional[str]:
 def write_atomically(path: str, write: Callable[[BinaryIO], None], replace: bool = False) -> None:
     """Write ``path`` with ``write(file)``, through a temporary file in the same folder.
 
-    The file gets mode ``0o666`` less the umask, as ``open(path, "wb")`` (and so ``torch.save``)
-    gives a new file.
+    A new file gets mode ``0o666`` less the umask, as ``open(path, "wb")`` (and so ``torch.save``)
+    gives one; a replaced file keeps its permission bits, as writing into it would (a private
+    0600 file stays private).
 
     Args:
         path: the destination.
@@ -94,6 +95,8 @@ def write_atomically(path: str, write: Callable[[BinaryIO], None], replace: bool
             fh.flush()
             os.fsync(fh.fileno())  # the data is on disk before the rename makes it the file
         _check_destination(path, replace)
+        with contextlib.suppress(FileNotFoundError):  # a file to replace: its permissions carry over
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
         os.replace(tmp, path)
         tmp = None
     finally:

@@ -267,6 +267,23 @@ def _kernel_size(layer: str, K: int, per_layer: dict, default: Optional[tuple]) 
     return size
 
 
+def _rank_of_1x1_layers(state_dict: dict, prefixes: list, kernel_sizes: dict, default: Optional[tuple]) -> int:
+    """How many spatial dimensions the layers without D have: those of the size given for all layers,
+    else of the layers with D when they agree (a Conv1d or Conv3d network), else 2."""
+    if default is not None:
+        return len(default)
+    ranks = set()
+    for prefix in prefixes:
+        D = state_dict.get(prefix + "D")
+        if getattr(D, "ndim", None) == 3:
+            layer = prefix[:-1] if prefix.endswith(".") else prefix
+            try:
+                ranks.add(len(_kernel_size(layer, D.shape[1], kernel_sizes, None)))
+            except ValueError:  # reported when the layer itself is folded
+                pass
+    return ranks.pop() if len(ranks) == 1 else 2
+
+
 def fuse_state_dict(state_dict: dict, kernel_sizes: Optional[dict] = None, default_kernel_size=None):
     """Fold every DO-Conv layer of a PyTorch state_dict into plain convolution weights.
 
@@ -282,8 +299,9 @@ def fuse_state_dict(state_dict: dict, kernel_sizes: Optional[dict] = None, defau
         state_dict: a mapping of names to tensors, as ``model.state_dict()`` returns it.
         kernel_sizes: ``{layer: kernel_size}`` for layers whose K is not a square number
             or which are not 2-D. Default None.
-        default_kernel_size: kernel size for every layer not in ``kernel_sizes``. Default
-            None: a square 2-D kernel inferred from K (1x1 for layers without D).
+        default_kernel_size: kernel size for every layer with D not in ``kernel_sizes``. Default
+            None: a square 2-D kernel inferred from K. Layers without D are 1x1 (1 or 1x1x1 in a
+            1-D or 3-D network: the rank of this size, or of the other layers).
 
     Returns:
         ``(folded_state_dict, layers)`` where ``layers`` lists ``(layer, kernel_size, source)``
@@ -307,6 +325,7 @@ def fuse_state_dict(state_dict: dict, kernel_sizes: Optional[dict] = None, defau
     prefixes = [key[:-1] for key, value in state_dict.items() if (key == "W" or key.endswith(".W")) and _is_3d(value)]
     consumed = set()
     replacement: dict = {}
+    rank_of_1x1 = _rank_of_1x1_layers(state_dict, prefixes, kernel_sizes, default_kernel_size)
     for prefix in prefixes:
         layer = prefix[:-1] if prefix.endswith(".") else prefix
         name = layer or "(top level)"
@@ -324,9 +343,12 @@ def fuse_state_dict(state_dict: dict, kernel_sizes: Optional[dict] = None, defau
                     f"layer {name!r} has W of shape {tuple(W.shape)} but no D: only 1x1 DO-Conv layers "
                     "(W's last dimension 1) come without D"
                 )
-            size = kernel_sizes.get(layer, default_kernel_size) or (1, 1)
+            # A size for all layers is for the layers with D; a 1x1 layer takes only its rank.
+            size = kernel_sizes.get(layer) or (1,) * rank_of_1x1
             if core.kernel_volume(size) != 1:
-                raise ValueError(f"layer {name!r} has no D, so it is a 1-tap layer; --kernel-size says {size}")
+                raise ValueError(
+                    f"layer {name!r} has no D, so it is a 1-tap layer; --kernel-size says {'x'.join(map(str, size))}"
+                )
             kernel = W64.reshape(tuple(W.shape[:2]) + tuple(size))
             source = "doconv" if diag_key is None else "original code"
         else:
@@ -383,6 +405,15 @@ def _load_checkpoint(path: str):
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as zf:
                 is_torch = any(n.endswith("/data.pkl") for n in zf.namelist())
+                # torch.load does not check the archive's checksums: a damaged tensor would load as
+                # garbage and be folded into garbage. Reading every member once checks them.
+                damaged = zf.testzip() if is_torch else None
+            if damaged is not None:
+                raise UsageError(
+                    f"{path} is damaged: its entry {damaged} fails its checksum (the file was changed or cut "
+                    "after torch.save wrote it)",
+                    f"{PROG} fuse",
+                )
         else:
             # torch.save's pre-1.6 format starts with a pickled magic number (protocol 2, a long).
             is_torch = head == b"\x80\x02\x8a\n"
@@ -439,6 +470,9 @@ def _cmd_fuse(args) -> int:
         import torch
     except ImportError:
         raise UsageError(f"needs PyTorch: {install_hint('torch')}", prog) from None
+    if not args.output or args.output.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)):
+        # abspath would drop the slash, and a file would be written where a folder was meant.
+        raise UsageError(f"output {args.output!r} names a folder; give a file name", prog)
     src, dst = os.path.abspath(args.checkpoint), os.path.abspath(args.output)
     if os.path.realpath(src) == os.path.realpath(dst) or (
         os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst)
