@@ -518,6 +518,29 @@ def test_bench_unknown_framework(capsys):
     assert_usage_error(status, err, "unknown framework 'caffe'")
 
 
+def test_bench_refuses_a_missing_framework_before_running_any(capfd, monkeypatch):
+    """--framework torch --framework gluon without MXNet: said at once, not after the torch benchmark ran."""
+    ran = []
+    monkeypatch.setattr(cli, "_run_benchmark", lambda module, argv: ran.append(module) or (0, False))
+    monkeypatch.setattr(
+        cli,
+        "_probe_all",
+        lambda modules: {m: (m != "mxnet", "stand-in" if m != "mxnet" else "not installed") for m in modules},
+    )
+    status = cli.main(["bench", "--framework", "torch", "--framework", "gluon"])
+    _, err = capfd.readouterr()
+    assert_usage_error(status, err, "--framework gluon needs mxnet, which is not installed")
+    assert ran == []
+
+
+@pytest.mark.parametrize(
+    "command,required", [("fuse", ["in.pt", "-o", "out.pt"]), ("demo", []), ("bench", []), ("info", [])]
+)
+def test_an_unknown_flag_is_reported_by_its_command(capsys, command, required):
+    status, _, err = run_cli(capsys, command, *required, "--bogus")
+    assert_usage_error(status, err, f"doconv {command}: error: unrecognized arguments: --bogus")
+
+
 @needs_torch
 def test_python_dash_m_entry_point(tmp_path):
     env = dict(os.environ)  # the installed doconv, never the checkout

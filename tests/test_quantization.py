@@ -243,6 +243,42 @@ def test_fuse_exported_keeps_outputs_and_drops_W_and_D():
     torch.testing.assert_close(graph(x), net(x), rtol=1e-5, atol=1e-5)
 
 
+def test_fuse_exported_stores_both_kernels_of_layers_sharing_W():
+    """A W shared by two layers is one graph node: it was marked for the second layer only, and the first
+    layer's kernel stayed composed in the graph (convert_pt2e needs stored conv weights)."""
+    net = nn.Sequential(DOConv2d(4, 4, 3, padding=1), nn.ReLU(), DOConv2d(4, 4, 3, padding=1)).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    net[2].W = net[0].W
+    x = torch.randn(2, 4, 6, 6)
+    graph = fuse_exported(export_for_qat(net, (x,)))
+    weights = [n.args[1] for n in graph.graph.nodes if n.op == "call_function" and n.target == aten.conv2d.default]
+    assert [w.op for w in weights] == ["get_attr", "get_attr"] and weights[0].target != weights[1].target
+    torch.testing.assert_close(graph(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_forward_that_reads_weight_exports():
+    """The weight property folded through the eager fast path (NumPy) inside torch.export too."""
+
+    class Standardized(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = DOConv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x) + self.conv.weight.mean()
+
+    net, x = Standardized().eval(), torch.randn(2, 4, 6, 6)
+    torch.testing.assert_close(export_for_qat(net, (x,))(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_unquantized_convolutions_lists_transposed_ones_too():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ConvTranspose2d(4, 2, 3))
+    graph = torch.export.export(net, (torch.randn(1, 3, 8, 8),)).module()
+    assert unquantized_convolutions(graph) == ["conv2d", "conv_transpose2d"]
+
+
 def test_bad_arguments_raise_clearly():
     with pytest.raises(TypeError, match="export_for_qat needs an nn.Module. Received: model of type list"):
         export_for_qat([], (torch.zeros(1),))

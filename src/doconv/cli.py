@@ -180,7 +180,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """
     parser = _build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # argparse would name the top-level program; the command they were given to is clearer
+            prog = f"{PROG} {args.command}" if args.command else PROG
+            raise UsageError(f"unrecognized arguments: {' '.join(extra)} (see '{prog} --help')", prog)
         if args.command is None:
             parser.print_help()
             return 2
@@ -670,17 +673,19 @@ def _cmd_bench(args) -> int:
         raise UsageError(f"unknown framework {unknown[0]!r}: choose from {', '.join(FRAMEWORKS)}", f"{PROG} bench")
     plan = [entry for entry in _BENCH if entry[0] in wanted]
     probes = _probe_all([module for _, module, _ in plan])
-    status, ran, busy = 0, 0, []
-    for name, module, extra in plan:
-        ok, text = probes[module]
-        bench_module = _BENCH_MODULE.format(name)
-        if not ok:
-            message = f"{name}: skipped, {module} {text}"
-            if args.framework:
+    if args.framework:  # asked for by name: every one must be there, said before the first benchmark runs
+        for name, module, extra in plan:
+            ok, text = probes[module]
+            if not ok:
                 raise UsageError(
                     f"--framework {name} needs {module}, which is {text}: {install_hint(extra)}", f"{PROG} bench"
                 )
-            print(message, flush=True)
+    status, ran, busy = 0, 0, []
+    for name, module, _ in plan:
+        ok, text = probes[module]
+        bench_module = _BENCH_MODULE.format(name)
+        if not ok:
+            print(f"{name}: skipped, {module} {text}", flush=True)
             continue
         print(f"== {name} ({module} {text}): {bench_module}{' --quick' if args.quick else ''}", flush=True)
         returncode, was_busy = _run_benchmark(bench_module, ["--quick"] if args.quick else [])

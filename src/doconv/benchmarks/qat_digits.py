@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from doconv._optional import require
+from doconv.cli import _positive_int
 from doconv.torch import DOConv2d, fuse_model
 from doconv.torch.quantization import export_for_qat, fuse_exported, unquantized_convolutions
 
@@ -213,16 +215,16 @@ def run_seed(
 
 def main(argv: Optional[list] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
+    parser.add_argument("--seeds", type=_positive_int, default=5, help="seeds 0..N-1 (default 5)")
     parser.add_argument(
-        "--epochs", type=int, default=HYPER["epochs"], help=f"float training, default {HYPER['epochs']}"
+        "--epochs", type=_positive_int, default=HYPER["epochs"], help=f"float training, default {HYPER['epochs']}"
     )
     parser.add_argument(
-        "--qat-epochs", type=int, default=QAT["epochs"], help=f"QAT fine-tuning, default {QAT['epochs']}"
+        "--qat-epochs", type=_positive_int, default=QAT["epochs"], help=f"QAT fine-tuning, default {QAT['epochs']}"
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # one thread: the same sums in the same order, so the same numbers every run
-    import torchao
+    torchao = require("torchao", "doconv.benchmarks.qat_digits", "quant", "torchao (PT2E quantization)")
 
     data = digits()
     sizes = f"digits 8x8: {len(data[1])} train, {len(data[3])} test"

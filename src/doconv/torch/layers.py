@@ -242,7 +242,11 @@ class _DOConvNd(nn.Module):
 
         A new tensor every time, held by nothing else: writing into it never changes the layer.
         """
-        kernel = self._fold_eager()
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():  # torch.export, compile: as forward does
+            self._check_parameters()
+            kernel = self._fold()
+        else:
+            kernel = self._fold_eager()
         # With K = 1 the fold is a view of W: the caller gets a copy (still differentiable).
         return kernel.clone() if self.D is None else kernel
 

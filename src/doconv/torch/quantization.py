@@ -36,7 +36,8 @@ from .layers import _NATIVE, _DOConvNd
 
 nn = torch.nn
 
-# The graph metadata key marking the parameters a DO-Conv kernel is composed from; its value is the layer's name.
+# The graph metadata key marking the parameters a DO-Conv kernel is composed from; its value is the tuple of
+# the names of the layers composed from it (more than one where layers share W).
 _FOLD_KEY = "doconv_fold"
 
 _CONVOLUTIONS = {
@@ -47,6 +48,10 @@ _CONVOLUTIONS = {
     torch.ops.aten.conv2d.padding,
     torch.ops.aten.conv3d.padding,
     torch.ops.aten.convolution.default,
+    # No DO-Conv layer is transposed, but unquantized_convolutions must not miss a float one.
+    torch.ops.aten.conv_transpose1d.default,
+    torch.ops.aten.conv_transpose2d.input,
+    torch.ops.aten.conv_transpose3d.input,
 }
 
 
@@ -148,7 +153,9 @@ def mark_doconv_convolutions(graph_module: GraphModule, model: Optional[nn.Modul
                 f"graph. Received: a kernel computed from {[n.op + ' ' + n.name for n in sources]}"
             )
         for source in sources:
-            source.meta[_FOLD_KEY] = name
+            # A W shared by two layers is one node: it belongs to both compositions.
+            names = source.meta.get(_FOLD_KEY, ())
+            source.meta[_FOLD_KEY] = names if name in names else (*names, name)
         # Quantizers read the last entry; what the exporter recorded before stays underneath.
         node.meta["source_fn_stack"] = [*node.meta.get("source_fn_stack", []), (node.name, native)]
         marked += 1
@@ -239,7 +246,9 @@ def fuse_exported(graph_module: GraphModule) -> GraphModule:
     layers: dict[str, set[Node]] = {}
     for node in graph.nodes:
         if node.op == "get_attr" and _FOLD_KEY in node.meta:
-            layers.setdefault(node.meta[_FOLD_KEY], set()).add(node)
+            marked = node.meta[_FOLD_KEY]
+            for layer in (marked,) if isinstance(marked, str) else marked:  # a str: marked by an earlier doconv
+                layers.setdefault(layer, set()).add(node)
     if not layers:
         raise ValueError(
             "fuse_exported found no DO-Conv kernel in the graph: export the model with export_for_qat "
