@@ -421,3 +421,22 @@ def test_gluoncv_mobilenetv2_converts_and_fuses_exactly():
 def test_a_net_that_is_not_a_block_raises_typeerror_naming_it(function, net):
     with pytest.raises(TypeError, match=rf"{function.__name__} needs a gluon Block as net. Received: net of type"):
         function(net)
+
+
+def test_a_bilinear_weight_initializer_is_refused_clearly_and_converts_once_initialized():
+    """mx.init.Bilinear reads a 4-d kernel shape: on W's 3-d shape it failed with a bare IndexError,
+    also in from_conv of an initialized Conv2D, whose kernel is copied anyway."""
+    import mxnet as mx
+
+    for init in (mx.init.Bilinear(), "bilinear"):
+        with pytest.raises(ValueError, match=r"initializes 4-d \(deconvolution\) kernels"):
+            DOConv2D(4, 3, in_channels=4, weight_initializer=init)
+    conv = nn.Conv2D(4, 3, in_channels=4, weight_initializer=mx.init.Bilinear())
+    conv.initialize()
+    x = nd.random.normal(shape=(1, 4, 6, 6))
+    np.testing.assert_allclose(DOConv2D.from_conv(conv)(x).asnumpy(), conv(x).asnumpy(), rtol=1e-5, atol=1e-6)
+    net = nn.HybridSequential()
+    net.add(nn.Conv2D(4, 3, weight_initializer=mx.init.Bilinear()))
+    with pytest.raises(ValueError, match=r"is not initialized yet and its weight_initializer"):
+        convert_model(net)
+    assert type(net[0]) is nn.Conv2D

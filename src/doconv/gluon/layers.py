@@ -40,6 +40,13 @@ def _require_data(param, what: str):
     return param._data[0]
 
 
+def _needs_a_kernel_shape(initializer) -> bool:
+    """MXNet's Bilinear initializer reads a 4-d (deconvolution) kernel shape: W's 3-d shape breaks it."""
+    if isinstance(initializer, str):
+        return initializer.lower() == "bilinear"
+    return isinstance(initializer, mx.init.Bilinear)
+
+
 class DOConv2D(gluon.HybridBlock):
     """A 2-D Depthwise Over-parameterized Convolution, a drop-in for ``gluon.nn.Conv2D``.
 
@@ -64,8 +71,8 @@ class DOConv2D(gluon.HybridBlock):
         use_bias: whether the layer has a bias. Default True.
         weight_initializer: initializer of W, computed on W's own shape ``(channels,
             C_in/groups, D_mul)``; None (default) uses the one given to ``initialize()``, as
-            ``Conv2D`` does. One that needs a 4-d kernel shape (``mx.init.Bilinear``) does not
-            apply: initialize a ``Conv2D`` with it and take :meth:`from_conv`.
+            ``Conv2D`` does. ``mx.init.Bilinear`` needs a 4-d kernel shape and is refused
+            (ValueError): initialize a ``Conv2D`` with it and take :meth:`from_conv`.
         bias_initializer: initializer of the bias. Default ``'zeros'``.
         in_channels: number of input channels, or 0 (default) to infer it from the first
             input (deferred initialisation).
@@ -105,6 +112,12 @@ class DOConv2D(gluon.HybridBlock):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if _needs_a_kernel_shape(weight_initializer):
+            raise ValueError(
+                f"weight_initializer={weight_initializer!r} initializes 4-d (deconvolution) kernels, and DOConv2D "
+                "initializes W, of shape (channels, C_in/groups, D_mul): initialize a Conv2D with it and take "
+                "DOConv2D.from_conv of that"
+            )
         self._channels = core.check_int(channels, "channels")
         self._kernel_size = core.normalize_tuple(kernel_size, _RANK, "kernel_size")
         self._strides = core.normalize_tuple(strides, _RANK, "strides")
@@ -439,7 +452,8 @@ class DOConv2D(gluon.HybridBlock):
 
         Raises:
             TypeError: ``conv`` is not a ``gluon.nn.Conv2D``.
-            ValueError: ``D_mul < K``.
+            ValueError: ``D_mul < K``; ``conv`` is not initialized and has a weight initializer
+                that needs a 4-d kernel shape (``mx.init.Bilinear``).
 
         Example:
             >>> from mxnet import nd, gluon
@@ -466,6 +480,16 @@ class DOConv2D(gluon.HybridBlock):
         groups = kw["num_group"]
         kernel_shape = conv.weight.shape
         C_in_g = kernel_shape[1] if data_format == core.CHANNELS_FIRST else kernel_shape[-1]
+        weight_init = conv.weight.init
+        if _needs_a_kernel_shape(weight_init):
+            if conv.weight._data is None:
+                raise ValueError(
+                    f"{conv.name} is not initialized yet and its weight_initializer {weight_init!r} needs a 4-d kernel "
+                    "shape, which W does not have: initialize the network before converting it"
+                )
+            # The kernel is copied into W: the initializer only fills W's columns past the last identity tile,
+            # which the default initializer does as well.
+            weight_init = None
         layer = cls(
             conv._channels,
             kw["kernel"],
@@ -476,7 +500,7 @@ class DOConv2D(gluon.HybridBlock):
             layout=layout,
             activation=conv.act._act_type if conv.act is not None else None,
             use_bias=not kw["no_bias"],
-            weight_initializer=conv.weight.init,
+            weight_initializer=weight_init,
             bias_initializer=conv.bias.init if conv.bias is not None else "zeros",
             in_channels=C_in_g * groups,
             D_mul=D_mul,
