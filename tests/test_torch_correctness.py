@@ -15,6 +15,7 @@ from torch import nn  # noqa: E402
 
 from doconv import core  # noqa: E402
 from doconv.torch import (  # noqa: E402
+    ConvError,
     DOConv2d,
     cached_kernels,
     fold,
@@ -165,6 +166,36 @@ def test_torchs_conv_bn_fusion_reads_weight():
             layer.weight, layer.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
         )
     torch.testing.assert_close(w, fused.weight)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_fx_symbolic_trace_follows_the_parameters(groups):
+    """torch.fx traced into the layer and stopped at its Python checks (control flow on proxies)."""
+    model = nn.Sequential(moved(DOConv2d(4, 6, 3, padding=1, groups=groups)), nn.ReLU(), moved(DOConv2d(6, 2, 1)))
+    traced = torch.fx.symbolic_trace(model)
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x))
+        model[0].W.mul_(-2)  # the graph reads the parameters: it follows them
+        torch.testing.assert_close(traced(x), model(x))
+
+
+def test_code_that_replaces_a_conv_weight_is_told_to_fuse_first():
+    layer = moved(DOConv2d(3, 4, 3)).eval()
+    bn = nn.BatchNorm2d(4).eval()
+    with pytest.raises(KeyError, match=r"has no weight Parameter to set.*fuse_conv_bn_eval\(layer.fuse\(\), bn\)"):
+        torch.nn.utils.fusion.fuse_conv_bn_eval(layer, bn)
+    x = torch.randn(1, 3, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.nn.utils.fusion.fuse_conv_bn_eval(layer.fuse(), bn)(x), bn(layer(x)))
+
+
+def test_a_quantized_input_is_refused_naming_the_layer():
+    """Eager-mode torch.ao.quantization leaves DOConv2d in float; its input arrives quantized."""
+    layer = DOConv2d(3, 4, 3)
+    x = torch.quantize_per_tensor(torch.randn(1, 3, 6, 6), 0.1, 0, torch.quint8)
+    with pytest.raises(ConvError, match=r"DOConv2d does not run on quantized tensors.*torch.quint8"):
+        layer(x)
 
 
 # --- the explicit cache ------------------------------------------------------------------------

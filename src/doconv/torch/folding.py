@@ -38,14 +38,15 @@ def fold(W: Tensor, D: Optional[Tensor], identity: Optional[Tensor], groups: int
     """
     if D is None or identity is None:
         return W.reshape(kernel_shape)
-    C_out, C_in_g, D_mul = W.shape
     D_hat = D + identity
     if groups == 1:
         folded = torch.einsum("ocs,cks->ock", W, D_hat)
     else:
         # Group gi pairs its rows of W only with its own C_in/g channels of D (DESIGN.md, i(o, c)).
-        Wg = W.reshape(groups, C_out // groups, C_in_g, D_mul)
-        Dg = D_hat.reshape(groups, C_in_g, D_hat.shape[1], D_mul)
+        # The sizes come from kernel_shape, not from the tensors: torch.fx traces this with proxies.
+        C_out, C_in_g = kernel_shape[0], kernel_shape[1]
+        Wg = W.reshape(groups, C_out // groups, C_in_g, -1)
+        Dg = D_hat.reshape(groups, C_in_g, -1, D_hat.shape[-1])
         folded = torch.einsum("gocs,gcks->gock", Wg, Dg)
     return folded.reshape(kernel_shape)
 

@@ -236,6 +236,15 @@ class _DOConvNd(nn.Module):
             return self._fold()
         return self._kernel_eager()
 
+    def register_parameter(self, name: str, param: Optional[nn.Parameter]) -> None:
+        if name == "weight":  # e.g. torch.nn.utils.fusion.fuse_conv_bn_eval on the layer itself
+            raise KeyError(
+                f"{self._name()} has no weight Parameter to set: its kernel is folded from W and D on each read of "
+                "layer.weight. Fuse first for code that replaces a conv's weight, e.g. "
+                "torch.nn.utils.fusion.fuse_conv_bn_eval(layer.fuse(), bn)."
+            )
+        super().register_parameter(name, param)
+
     @property
     def weight(self) -> Tensor:
         """The folded kernel ``(C_out, C_in/g, *kernel_size)``, differentiable, folded on each read.
@@ -253,6 +262,14 @@ class _DOConvNd(nn.Module):
     # -- forward -------------------------------------------------------------------------------
 
     def _check_input(self, x: Tensor) -> None:
+        if x.is_quantized:  # eager-mode torch.ao.quantization leaves the layer in float: say so, not a dtype clash
+            raise ConvError(
+                self._name()
+                + " does not run on quantized tensors (eager-mode torch.ao.quantization does not convert it): "
+                + "fuse the model first (doconv.torch.fuse_model), or train quantization-aware with "
+                + "doconv.torch.quantization. Received: input of dtype "
+                + str(x.dtype)
+            )
         rank = self._rank
         batched = x.dim() == rank + 2
         if not (batched or x.dim() == rank + 1) or x.shape[1 if batched else 0] != self.in_channels:
@@ -336,6 +353,9 @@ class _DOConvNd(nn.Module):
         return self._conv(x, self._kernel(), self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            if isinstance(x, torch.fx.Proxy):  # torch.fx.symbolic_trace: the fold and the conv as graph nodes
+                return self._conv(x, self._fold(), self.bias)
         self._check_input(x)
         if torch.jit.is_scripting() or torch.jit.is_tracing():
             return self._conv(x, self._kernel(), self.bias)
