@@ -254,3 +254,21 @@ def test_mobilenetv3small_converts_and_fuses_exactly():
     fused = fuse_model(converted)
     assert_close32(predict(fused, x), y)
     assert fused.count_params() == model.count_params()
+
+
+def test_the_copy_and_the_original_share_no_weight_memory():
+    """On jax the copied layers held the original's very arrays: training one model donated (deleted) them
+    under the other ("Array has been deleted"), and on any backend the copy must not move with the original."""
+    inputs = keras.Input((6, 6, 2))
+    x = keras.layers.Conv2D(3, 3)(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    outputs = keras.layers.Dense(1)(keras.layers.Flatten()(x))
+    model = keras.Model(inputs, outputs)
+    data = np.random.default_rng(0).standard_normal((8, 6, 6, 2)).astype("float32")
+    converted = convert_model(model)
+    fused = fuse_model(converted)
+    before = [to_numpy(converted.predict(data, verbose=0)), to_numpy(fused.predict(data, verbose=0))]
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit(data, np.ones((8, 1), "float32"), epochs=1, batch_size=4, verbose=0)
+    for copy, want in zip((converted, fused), before):
+        np.testing.assert_array_equal(to_numpy(copy.predict(data, verbose=0)), want)

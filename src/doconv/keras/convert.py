@@ -14,7 +14,7 @@ import warnings
 from typing import Any, Callable
 
 from .. import core
-from .layers import DO_LAYERS, DOConv2D, DODepthwiseConv2D, DOSeparableConv2D, _Functional, keras, ops
+from .layers import DO_LAYERS, DOConv2D, DODepthwiseConv2D, DOSeparableConv2D, _Functional, _numpy, keras
 
 _TO_DO = {
     keras.layers.Conv2D: DOConv2D,
@@ -127,7 +127,9 @@ class _Surgery:
                     f"its config it holds {_spec(target)}, the original {_spec(source)}."
                 )
             for a, b in zip(source, target):
-                b.assign(ops.convert_to_tensor(a))
+                # A host copy: on jax convert_to_tensor is the very array, which training either model
+                # donates (deletes) under the other one ("Array has been deleted").
+                b.assign(_numpy(a))
                 b.trainable = a.trainable
 
     def run(self, model, function: str):
