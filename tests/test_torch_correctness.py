@@ -392,12 +392,7 @@ def test_layer_gradgradcheck_through_functional_call(monkeypatch, composition, p
     assert torch.autograd.gradgradcheck(f, (W, D, xr), fast_mode=True)
 
 
-@pytest.mark.parametrize("path", ["C kernel", "NumPy"])
-def test_hessian_vector_product_equals_the_einsum_folds(monkeypatch, path):
-    if path == "NumPy":
-        monkeypatch.setattr(folding, "_foldkernel", None)
-    elif folding._foldkernel is None:
-        pytest.skip("doconv._foldkernel was not built here")
+def test_hessian_vector_product_equals_the_einsum_folds(cpu_path):
     W, D, identity, shape = _fold_inputs(groups=2, C_in=6, C_out=4, K=4, D_mul=5)
     upstream = torch.randn(shape, dtype=torch.float64)
     vectors = (torch.randn_like(W), torch.randn_like(D))
@@ -412,13 +407,8 @@ def test_hessian_vector_product_equals_the_einsum_folds(monkeypatch, path):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("path", ["C kernel", "NumPy"])
-def test_forward_mode_derivatives_equal_the_einsum_folds(monkeypatch, path):
+def test_forward_mode_derivatives_equal_the_einsum_folds(cpu_path):
     """torch.func.jvp / jacfwd / hessian and torch.autograd.forward_ad through the fast fold, as through fold."""
-    if path == "NumPy":
-        monkeypatch.setattr(folding, "_foldkernel", None)
-    elif folding._foldkernel is None:
-        pytest.skip("doconv._foldkernel was not built here")
     W, D, identity, shape = _fold_inputs(groups=2, C_in=6, C_out=4, K=4, D_mul=5)
     W, D = W.detach(), D.detach()
     tangents = (torch.randn_like(W), torch.randn_like(D))
