@@ -29,7 +29,7 @@ class _Entry:
     def __init__(self) -> None:
         self.depth = 0
         self.kernel: Optional[Tensor] = None
-        self.factors: tuple = ()  # the W and D tensors the kernel was folded from
+        self.factors: tuple = (None, None)  # the W and D tensors the kernel was folded from
         self.lock = threading.Lock()  # one fold per layer, whichever thread asks first
 
 
@@ -108,7 +108,7 @@ def cached_kernel(layer: nn.Module, fold: Callable[[], Tensor]) -> Optional[Tens
         # Other tensors in W's or D's place (a new Parameter, torch.func.functional_call's
         # substitutes, .to() with swapped parameters) are other factors: fold theirs. Compared by
         # identity while the entry holds them, so no id can be reused meanwhile.
-        same = len(entry.factors) == 2 and entry.factors[0] is W and entry.factors[1] is D
+        same = entry.factors[0] is W and entry.factors[1] is D
         if kernel is None or not same or kernel.dtype != W.dtype or kernel.device != W.device:
             # A normal tensor even under inference_mode: a later forward in the block may need a
             # gradient with respect to its input, and an inference tensor cannot be saved for one.
